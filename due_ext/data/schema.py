@@ -1,0 +1,26 @@
+"""Keys of a DUE datalist item (Decathlon style), in one place.
+
+``image``            NIfTI volume, ``(X, Y, Z)``.
+``label``            0 (no lesion) or 1 (lesion).
+``annotation``       NIfTI binary mask on the image grid; required for positives. Only the slices listed
+                     in ``annotated_slices`` carry information, whatever the file holds elsewhere.
+``annotated_slices`` Z indices a person actually drew (sorted, unique, each holding foreground).
+``interpolation``    derived: soft mask in [0, 1] filled by an interpolator.
+``variance``         derived: per-voxel variance of the interpolation.
+``weights``          derived: per-voxel uncertainty weights in [0, 1] (1 on annotated slices).
+"""
+
+from __future__ import annotations
+
+IMAGE = "image"
+LABEL = "label"
+ANNOTATION = "annotation"
+ANNOTATED_SLICES = "annotated_slices"
+INTERPOLATION = "interpolation"
+VARIANCE = "variance"
+WEIGHTS = "weights"
+
+#: Keys whose values are NIfTI file paths, in the order they are checked.
+VOLUME_KEYS = (IMAGE, ANNOTATION, INTERPOLATION, VARIANCE, WEIGHTS)
+#: Volume keys that must share the image's grid (shape and affine).
+GRID_KEYS = (ANNOTATION, INTERPOLATION, VARIANCE, WEIGHTS)

@@ -1,0 +1,72 @@
+"""Builds ``due_ext._C``: the C++ (OpenMP) kernels always, the CUDA kernels when torch is a CUDA build and
+nvcc is found (or ``FORCE_CUDA=1``). Install torch first, then ``pip install --no-build-isolation -e .``.
+
+Environment:
+  FORCE_CUDA=1          build the CUDA sources even if no GPU is visible (needs nvcc + a CUDA torch).
+  DUE_EXT_NO_CUDA=1     never build CUDA sources.
+  DUE_EXT_CPU_ARCH=...  value for ``-march`` of the CPU kernels (default ``native``; ``x86-64-v2`` or
+                        ``none`` for a portable build).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:  # pragma: no cover - a clear message instead of a traceback deep in setuptools
+    sys.exit("due_ext: install torch first (pip install torch==2.13.0), then "
+             "pip install --no-build-isolation -e .")
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cpu_flags() -> list[str]:
+    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    arch = os.environ.get("DUE_EXT_CPU_ARCH", "native")
+    if arch != "none" and platform.machine() in ("x86_64", "AMD64"):
+        flags.append(f"-march={arch}")
+    return flags
+
+
+def _want_cuda() -> tuple[bool, str]:
+    if os.environ.get("DUE_EXT_NO_CUDA", "0") == "1":
+        return False, "DUE_EXT_NO_CUDA=1"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU build"
+    if CUDA_HOME is None:
+        return False, "nvcc not found (CUDA_HOME unset)"
+    if os.environ.get("FORCE_CUDA", "0") == "1" or torch.cuda.is_available():
+        return True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, nvcc at {CUDA_HOME}"
+    return False, "no GPU visible (set FORCE_CUDA=1 to build the CUDA kernels anyway)"
+
+
+def _extension():
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    with_cuda, why = _want_cuda()
+    print(f"due_ext: building C++ CPU kernels ({len(sources)} sources, flags {' '.join(_cpu_flags())})")
+    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    extra = {"cxx": _cpu_flags()}
+    if with_cuda:
+        cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        print(f"due_ext: building CUDA kernels ({len(cuda_sources)} sources): {why}")
+        extra["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17"]
+        define_macros.append(("DUE_EXT_WITH_CUDA", "1"))
+        return CUDAExtension("due_ext._C", sources + cuda_sources, extra_compile_args=extra,
+                             extra_link_args=["-fopenmp"], define_macros=define_macros, py_limited_api=True)
+    print(f"due_ext: skipping CUDA kernels: {why}")
+    return CppExtension("due_ext._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"],
+                        define_macros=define_macros, py_limited_api=True)
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
