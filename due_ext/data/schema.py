@@ -3,11 +3,13 @@
 ``image``            NIfTI volume, ``(X, Y, Z)``.
 ``label``            0 (no lesion) or 1 (lesion).
 ``annotation``       NIfTI binary mask on the image grid; required for positives. Only the slices listed
-                     in ``annotated_slices`` carry information, whatever the file holds elsewhere.
+                     in ``annotated_slices`` carry information, whatever the file holds elsewhere (our
+                     builders write zeros there).
 ``annotated_slices`` Z indices a person actually drew (sorted, unique, each holding foreground).
 ``interpolation``    derived: soft mask in [0, 1] filled by an interpolator.
 ``variance``         derived: per-voxel variance of the interpolation.
 ``weights``          derived: per-voxel uncertainty weights in [0, 1] (1 on annotated slices).
+``mask``             full 3D ground-truth lesion mask where known (synthetic data); evaluation only.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ ANNOTATED_SLICES = "annotated_slices"
 INTERPOLATION = "interpolation"
 VARIANCE = "variance"
 WEIGHTS = "weights"
+#: Full 3D ground-truth lesion mask (synthetic data only). Read by evaluation metrics, never by training.
+MASK = "mask"
 
 #: Keys whose values are NIfTI file paths, in the order they are checked.
-VOLUME_KEYS = (IMAGE, ANNOTATION, INTERPOLATION, VARIANCE, WEIGHTS)
+VOLUME_KEYS = (IMAGE, ANNOTATION, MASK, INTERPOLATION, VARIANCE, WEIGHTS)
 #: Volume keys that must share the image's grid (shape and affine).
-GRID_KEYS = (ANNOTATION, INTERPOLATION, VARIANCE, WEIGHTS)
+GRID_KEYS = (ANNOTATION, MASK, INTERPOLATION, VARIANCE, WEIGHTS)

@@ -17,7 +17,7 @@ from due_ext._backends import BACKEND_ENV, backends, forced_backend
 logger = logging.getLogger("due_ext.ops")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_reference_once(op: str, device_type: str, why: str) -> None:
     logger.warning("due_ext.ops.%s: no compiled backend for %s tensors (%s); using the slow PyTorch "
                    "reference", op, device_type, why)
