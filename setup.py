@@ -28,7 +28,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _cpu_flags() -> list[str]:
-    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    # No -std: torch.utils.cpp_extension picks the standard its headers need (C++17, C++20 from torch 2.14).
+    flags = ["-O3", "-fopenmp"]
     arch = os.environ.get("DUE_EXT_CPU_ARCH", "native")
     if arch != "none" and platform.machine() in ("x86_64", "AMD64"):
         flags.append(f"-march={arch}")
@@ -56,7 +57,7 @@ def _extension():
     if with_cuda:
         cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         print(f"due_ext: building CUDA kernels ({len(cuda_sources)} sources): {why}")
-        extra["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17"]
+        extra["nvcc"] = ["-O3", "--use_fast_math"]
         define_macros.append(("DUE_EXT_WITH_CUDA", "1"))
         return CUDAExtension("due_ext._C", sources + cuda_sources, extra_compile_args=extra,
                              extra_link_args=["-fopenmp"], define_macros=define_macros, py_limited_api=True)
