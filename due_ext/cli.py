@@ -50,6 +50,8 @@ class DataCommands:
         from due_ext.data.validate import check_datalist
 
         report = check_datalist(datalist, dataset_dir=dataset_dir)
+        for note in report.notes:  # accepted but worth knowing, e.g. a squeezed trailing singleton dimension
+            print(f"note: {note}", file=sys.stderr)
         if report.problems:
             for problem in report.problems:
                 print(problem, file=sys.stderr)

@@ -7,11 +7,12 @@ temporary name in the destination folder and rename, so a crash never leaves a h
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from due_ext.data.atomic import atomic_destination
 
 
 class NiftiError(ValueError):
@@ -44,13 +45,6 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray |
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
     img = nib.Nifti1Image(np.asarray(array), affine)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_destination(path, suffix=".tmp" + suffix) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path

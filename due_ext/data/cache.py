@@ -1,0 +1,120 @@
+"""The download cache (never inside the repository) and the fetch of the pyradiomics chest CTs.
+
+Cache folder: ``$DUE_EXT_CACHE`` if set, else ``~/.cache/due_ext``.
+
+The ``lung-ct`` builder needs the two chest CTs (``lung1``, ``lung2``; NRRD image + real tumour label) that
+ship in the ``data/`` folder of the ``pyradiomics==3.0.1`` *source* distribution on PyPI. We fetch it with
+pip (``pip download --no-deps --no-binary :all:``), check its SHA-256, extract only the lung files of
+``data/`` (no other member, no path outside the target) and rename the finished folder into place, so the
+cache is either complete or absent. Offline: put ``pyradiomics-3.0.1.tar.gz`` into the cache folder
+yourself; it is used instead of downloading. The provenance of these images is undocumented upstream:
+use them as demo backgrounds, never commit them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+PYRADIOMICS_VERSION = "3.0.1"
+PYRADIOMICS_SDIST = f"pyradiomics-{PYRADIOMICS_VERSION}.tar.gz"
+#: SHA-256 of the sdist on PyPI.
+PYRADIOMICS_SHA256 = "47c57f441d6cb7973fa3b2ea48d3948df78e3348e1c69e1e2ff19001601fc2f5"
+#: Files taken from the sdist's ``data/`` folder.
+LUNG_FILES = ("lung1_image.nrrd", "lung1_label.nrrd", "lung2_image.nrrd", "lung2_label.nrrd", "README.md")
+_DONE_MARKER = ".complete"
+
+
+class FetchError(RuntimeError):
+    """The pyradiomics data could not be downloaded or extracted; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """The cache folder (created if missing): ``$DUE_EXT_CACHE`` or ``~/.cache/due_ext``."""
+    root = Path(os.environ.get("DUE_EXT_CACHE") or Path.home() / ".cache" / "due_ext").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download_sdist(dest: Path) -> Path:
+    """``pip download`` the sdist into ``dest`` (a temporary folder); returns the tarball's path."""
+    # pip prepares metadata of an sdist even for `download`; pyradiomics' setup.py bundles its own versioneer
+    # and needs numpy (a dependency of ours), so --no-build-isolation works without installing anything.
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "--no-build-isolation", f"pyradiomics=={PYRADIOMICS_VERSION}", "-d", str(dest)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    tarball = dest / PYRADIOMICS_SDIST
+    if result.returncode != 0 or not tarball.is_file():
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-8:])
+        raise FetchError(
+            f"could not download {PYRADIOMICS_SDIST} from PyPI (pip exit status {result.returncode}):\n{tail}\n"
+            f"Offline? Copy {PYRADIOMICS_SDIST} (from https://pypi.org/project/pyradiomics/"
+            f"{PYRADIOMICS_VERSION}/#files) into {cache_dir()} and run again.")
+    return tarball
+
+
+def _extract_lung_files(tarball: Path, target: Path) -> None:
+    """Extract the lung files of ``data/`` into ``target``, reading only regular-file members by name."""
+    wanted = {f"pyradiomics-{PYRADIOMICS_VERSION}/data/{name}": name for name in LUNG_FILES}
+    try:
+        with tarfile.open(tarball, "r:gz") as archive:
+            found = set()
+            for member in archive:
+                name = wanted.get(member.name)
+                if name is None or not member.isfile():
+                    continue  # skip everything else, links included: no path traversal is possible
+                source = archive.extractfile(member)
+                with source, open(target / name, "wb") as out:
+                    shutil.copyfileobj(source, out)
+                found.add(name)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise FetchError(f"{tarball}: not a readable tar.gz archive ({err}); delete it and run again") from err
+    missing = sorted(set(LUNG_FILES) - found)
+    if missing:
+        raise FetchError(f"{tarball}: data/ lacks {', '.join(missing)}; is it really {PYRADIOMICS_SDIST}?")
+
+
+def fetch_pyradiomics_data() -> Path:
+    """Folder holding ``lung{1,2}_{image,label}.nrrd``; downloads and extracts them on first use.
+
+    Raises :class:`FetchError` with instructions when the download fails or the archive is wrong.
+    """
+    root = cache_dir()
+    target = root / f"pyradiomics-{PYRADIOMICS_VERSION}-data"
+    if (target / _DONE_MARKER).is_file():
+        return target
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=root) as tmp:
+        tmp = Path(tmp)
+        tarball = root / PYRADIOMICS_SDIST  # a file the user put there for offline use
+        if not tarball.is_file():
+            tarball = _download_sdist(tmp)
+        checksum = _sha256(tarball)
+        if checksum != PYRADIOMICS_SHA256:
+            raise FetchError(f"{tarball}: SHA-256 {checksum} differs from PyPI's {PYRADIOMICS_SHA256}; "
+                             "delete it and run again")
+        staged = tmp / "data"
+        staged.mkdir()
+        _extract_lung_files(tarball, staged)
+        (staged / _DONE_MARKER).write_text(f"{PYRADIOMICS_SDIST} sha256={checksum}\n")
+        if target.exists():  # a half-finished earlier attempt (no marker): replace it
+            shutil.rmtree(target)
+        try:
+            os.replace(staged, target)
+        except OSError:
+            if not (target / _DONE_MARKER).is_file():  # lost a race only if the winner finished
+                raise
+    return target
