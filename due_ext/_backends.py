@@ -79,6 +79,18 @@ def _triton_status() -> BackendStatus:
     return BackendStatus("triton", True, f"Triton kernels on {torch.cuda.get_device_name()}")
 
 
+@functools.lru_cache(maxsize=2)
+def _backend_statuses(interpreting: bool) -> dict[str, BackendStatus]:
+    # cached: the public ops consult it on every call (sampling loops call an op per step); the only input
+    # that may change within a process is TRITON_INTERPRET, which is part of the cache key
+    return {
+        "cpp": _cpp_status(),
+        "cuda": _cuda_status(),
+        "triton": _triton_status(),
+        "reference": BackendStatus("reference", True, "pure PyTorch composition (test oracle)"),
+    }
+
+
 def backends() -> dict[str, BackendStatus]:
     """Report every kernel backend: ``{name: BackendStatus(name, available, reason)}``.
 
@@ -88,12 +100,7 @@ def backends() -> dict[str, BackendStatus]:
         >>> print(due_ext.backends()["cpp"])
         cpp: available (C++ kernels, OpenMP on, 2 threads)
     """
-    return {
-        "cpp": _cpp_status(),
-        "cuda": _cuda_status(),
-        "triton": _triton_status(),
-        "reference": BackendStatus("reference", True, "pure PyTorch composition (test oracle)"),
-    }
+    return dict(_backend_statuses(triton_interpreting()))
 
 
 def forced_backend() -> str | None:
