@@ -51,6 +51,14 @@ class GradCAMFeatures(NamedTuple):
     class_index: torch.Tensor
 
 
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The wrapped module of ``DistributedDataParallel`` / ``DataParallel`` (layer names refer to it), else
+    ``model``; the forward pass still goes through the wrapper so gradients are synchronised."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
+
+
 def _submodule(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
@@ -139,8 +147,9 @@ def gradcam_features(model: nn.Module, x: torch.Tensor, class_index: torch.Tenso
         RuntimeError: ``alpha`` needs autograd but ``A`` has no graph (e.g. called under ``torch.no_grad()``
             for a model without the GAP + linear head).
     """
-    layer = _submodule(model, target_layer)
-    head = None if force_autograd else find_gap_linear_head(model, target_layer)
+    inner = unwrap_parallel(model)
+    layer = _submodule(inner, target_layer)
+    head = None if force_autograd else find_gap_linear_head(inner, target_layer)
     captured: list[torch.Tensor] = []
     record = _HeadRecord()
 

@@ -1,0 +1,95 @@
+"""What bundle configs call to find their folder and their data, so the configs only wire.
+
+- :func:`bundle_root` — the repository's ``bundles/<name>`` folder, so that
+  ``python -m monai.bundle run --config_file bundles/due/train.json`` works from any working directory
+  (override with ``--bundle_root``).
+- :func:`demo_datalist` — the embedded default data: builds a demo dataset into the cache on first use and
+  returns its ``datalist.json``; later calls reuse it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+logger = logging.getLogger("due_ext.bundles")
+
+
+def repository_root() -> Path:
+    """The folder holding ``bundles/`` (the source checkout of an editable install)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def bundle_root(name: str) -> str:
+    """``<repository>/bundles/<name>``; raises with a hint when this install has no bundles folder."""
+    path = repository_root() / "bundles" / name
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: bundle folder not found (due_ext is not an editable install of the "
+                                "repository?); pass --bundle_root PATH to monai.bundle")
+    return str(path)
+
+
+def demo_datalist(name: str = "lung-ct", seed: int = 0, size: str | None = None, n_pos: int | None = None,
+                  n_neg: int | None = None, every_k: int | None = None, root: str | None = None) -> str:
+    """Path of the ``datalist.json`` of a demo dataset built with these parameters (built on first use).
+
+    The dataset lives in ``<cache>/datasets/<name>-<hash of the parameters>`` (``root`` overrides the
+    folder), so different parameters never overwrite each other and a finished build is reused.
+    """
+    from due_ext.data.builders import build_dataset
+    from due_ext.data.cache import cache_dir
+
+    params = {"name": name, "seed": seed, "size": size, "n_pos": n_pos, "n_neg": n_neg, "every_k": every_k}
+    if root is None:
+        digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+        folder = cache_dir() / "datasets" / f"{name}-{digest}"
+    else:
+        folder = Path(root)
+    datalist = folder / "datalist.json"
+    if not datalist.is_file():
+        logger.info("building the %s demo dataset into %s", name, folder)
+        print(build_dataset(name, folder, n_pos=n_pos, n_neg=n_neg, size=size, every_k=every_k, seed=seed))
+    return str(datalist)
+
+
+#: Volume keys each explanation-supervision method reads (besides image/annotation and the evaluation mask).
+METHOD_KEYS = {"due": ("interpolation", "weights")}
+
+
+def method_volume_keys(method: str) -> list[str]:
+    """Volume keys the loading transforms need for ``method`` (``image`` first)."""
+    from due_ext.explain.supervision import METHODS
+
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is unknown; choose one of {', '.join(METHODS)}")
+    return ["image", "annotation", *METHOD_KEYS.get(method, ()), "mask"]
+
+
+def prepared_datalist(datalist: str, method: str) -> str:
+    """The datalist a method trains on: ``datalist`` itself when every annotated positive already has the keys
+    the method needs; otherwise a clear error naming what is missing and how to produce it.
+
+    (DUE's keys ``interpolation`` and ``weights`` come from the interpolator and uncertainty bundles.)
+    """
+    from due_ext.data.datalist import read_datalist
+
+    needed = METHOD_KEYS.get(method, ())
+    if not needed:
+        return datalist
+    payload = read_datalist(datalist)
+    missing = sorted({key for section in ("training", "validation") for item in payload.get(section, [])
+                      if item.get("label") == 1 and "annotation" in item for key in needed if key not in item})
+    if missing:
+        raise ValueError(f"{datalist}: method {method!r} needs {missing} on every annotated positive. Produce them "
+                         "with the interpolator and uncertainty bundles' inference configs "
+                         "(bundles/interpolator/inference.json, bundles/uncertainty/inference.json) and train on the "
+                         "datalist they write, or pick another method (--method baseline_plus)")
+    return datalist
+
+
+def require_inputs(files: list[str], where: str) -> None:
+    """Fail loudly when an inference run found no input volume."""
+    if not files:
+        raise FileNotFoundError(f"{where}: no NIfTI volume (*.nii, *.nii.gz) to run inference on; pass --input_dir")

@@ -1,0 +1,63 @@
+"""Inference outputs: per input volume, the class probabilities (one JSON for the run) and the Grad-CAM volume
+(NIfTI on the input's grid, affine kept)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from due_ext.data.datalist import write_json_atomic
+from due_ext.data.nifti import write_nifti
+
+CLASS_NAMES = ("no_lesion", "lesion")
+
+
+def _stem(path: str) -> str:
+    name = os.path.basename(str(path))
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return os.path.splitext(name)[0]
+
+
+class PredictionWriter:
+    """Attach to an :class:`~due_ext.engines.evaluator.ExplanationEvaluator` running on unlabelled images.
+
+    Writes ``<output_dir>/<stem>_gradcam.nii.gz`` for every input and ``<output_dir>/predictions.json`` =
+    ``{stem: {"file": input path, "probabilities": {"no_lesion": p0, "lesion": p1}, "predicted": name}}``.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.output_dir = Path(output_dir)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._write_batch)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write_summary)
+
+    def _reset(self, _engine: Engine) -> None:
+        self.predictions: dict[str, Any] = {}
+
+    def _write_batch(self, engine: Engine) -> None:
+        out = engine.state.output
+        image, probs, cams = out["image"], out["pred"].cpu().numpy(), out["cam"].detach().cpu().numpy()
+        meta = getattr(image, "meta", {}) or {}
+        files = meta.get("filename_or_obj", [f"volume_{engine.state.iteration}_{i}" for i in range(len(probs))])
+        affines = getattr(image, "affine", None)
+        for i, path in enumerate(files):
+            stem = _stem(path)
+            affine = None if affines is None else torch.as_tensor(affines)[i].cpu().numpy()
+            write_nifti(self.output_dir / f"{stem}_gradcam.nii.gz", cams[i].astype(np.float32), affine)
+            self.predictions[stem] = {
+                "file": str(path),
+                "probabilities": {name: float(p) for name, p in zip(CLASS_NAMES, probs[i], strict=True)},
+                "predicted": CLASS_NAMES[int(np.argmax(probs[i]))],
+            }
+
+    def _write_summary(self, _engine: Engine) -> None:
+        write_json_atomic(self.output_dir / "predictions.json", self.predictions)

@@ -1,0 +1,93 @@
+"""The DUE bundle through monai.bundle, tiny: train, evaluate, inference, two-process training, and the
+network's input/output check. Runs on the phantom demo set with a narrow network."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "due"
+TINY = ["--demo_dataset", "phantom", "--method", "baseline_plus", "--max_epochs", "1",
+        "--block_inplanes", "[4, 8, 8, 8]"]
+
+
+def _bundle(args, tmp, *, runner=(sys.executable, "-m", "monai.bundle"), timeout=600):
+    env = dict(os.environ, DUE_EXT_CACHE=str(tmp / "cache"), OMP_NUM_THREADS="1")
+    run = subprocess.run([*runner, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("due_bundle")
+    root = tmp / "bundle"
+    root.mkdir()
+    _bundle(["run", "--config_file", str(BUNDLE / "train.json"), "--bundle_root", str(root), *TINY], tmp)
+    return tmp, root
+
+
+def test_train_writes_best_model_and_checkpoint(trained):
+    _, root = trained
+    assert (root / "models" / "model.pt").is_file()
+    assert (root / "eval" / "checkpoints" / "checkpoint_epoch=1.pt").is_file()
+
+
+def test_evaluate_writes_metrics_and_figures(trained):
+    tmp, root = trained
+    configs = json.dumps([str(BUNDLE / "train.json"), str(BUNDLE / "evaluate.json")])
+    _bundle(["run", "--config_file", configs, "--bundle_root", str(root), *TINY], tmp)
+    test_dir = root / "eval" / "test"
+    metrics = json.loads((test_dir / "metrics.json").read_text())
+    assert {"roc_auc", "pr_auc", "accuracy"} <= set(metrics["prediction"])
+    assert metrics["n_positives"] > 0 and "iou" in metrics["explanation"]
+    for figure in ("gradcam_overlays.png", "explanation_vs_threshold.png", "metrics.csv"):
+        assert (test_dir / figure).is_file()
+
+
+def test_inference_writes_probabilities_and_gradcam(trained):
+    tmp, root = trained
+    images = sorted((tmp / "cache" / "datasets").glob("phantom-*/images/test_*.nii.gz"))[:2]
+    inputs = tmp / "inputs"
+    inputs.mkdir()
+    for image in images:
+        shutil.copy(image, inputs / image.name)
+    _bundle(["run", "--config_file", str(BUNDLE / "inference.json"), "--bundle_root", str(root),
+             "--input_dir", str(inputs), "--block_inplanes", "[4, 8, 8, 8]"], tmp)
+    predictions = json.loads((root / "eval" / "inference" / "predictions.json").read_text())
+    assert len(predictions) == 2
+    for entry in predictions.values():
+        assert sum(entry["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert (root / "eval" / "inference" / (Path(entry["file"]).name.split(".")[0] + "_gradcam.nii.gz")).is_file()
+
+
+def test_inference_fails_loudly_without_weights(tmp_path):
+    env = dict(os.environ, DUE_EXT_CACHE=str(tmp_path / "cache"))
+    run = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE / "inference.json"),
+                          "--bundle_root", str(tmp_path)], capture_output=True, text=True, cwd=REPO, env=env)
+    assert run.returncode != 0 and "model weights not found" in run.stderr
+
+
+def test_network_input_output_and_metadata(trained):
+    tmp, _ = trained
+    _bundle(["verify_net_in_out", "--net_id", "network_def", "--meta_file", str(BUNDLE / "metadata.json"),
+             "--config_file", str(BUNDLE / "train.json"), "--block_inplanes", "[4, 8, 8, 8]"], tmp)
+
+
+def test_two_process_training_on_cpu(tmp_path):
+    root = tmp_path / "bundle"
+    root.mkdir()
+    configs = json.dumps([str(BUNDLE / "train.json"), str(BUNDLE / "multi_gpu_train.json")])
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2")
+    _bundle(["-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(root), *TINY], tmp_path,
+            runner=torchrun)
+    assert (root / "models" / "model.pt").is_file()
+    import torch
+
+    state = torch.load(root / "eval" / "checkpoints" / "checkpoint_epoch=1.pt", weights_only=True)
+    assert not any(key.startswith("module.") for key in state["network"])  # resumable without DDP too
