@@ -6,14 +6,14 @@ import sys
 import pytest
 import torch
 
-import due_ext
+from due_ext import backends
 from due_ext.ops._dispatch import select_backend
 
 
 def test_extension_is_built_and_cpp_available():
     import due_ext._C  # noqa: F401
 
-    status = due_ext.backends()
+    status = backends()
     assert set(status) == {"cpp", "cuda", "triton", "reference"}
     assert status["cpp"].available, status["cpp"].reason
     assert "OpenMP on" in status["cpp"].reason
