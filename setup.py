@@ -52,7 +52,8 @@ def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     with_cuda, why = _want_cuda()
     print(f"due_ext: building C++ CPU kernels ({len(sources)} sources, flags {' '.join(_cpu_flags())})")
-    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    # py_limited_api=True makes torch define Py_LIMITED_API itself
+    define_macros: list[tuple[str, str]] = []
     extra = {"cxx": _cpu_flags()}
     if with_cuda:
         cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -69,5 +70,5 @@ def _extension():
 setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )
