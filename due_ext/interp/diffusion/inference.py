@@ -1,0 +1,179 @@
+"""Diffusion interpolation of whole volumes and of datalists (the ``inference.json`` of the bundle).
+
+Volume level: :func:`interpolate_volumes` splits every sparse annotation into blocks
+(:func:`due_ext.interp.blocks.split_blocks`), crops each block around its foreground
+(:mod:`.crops`), fills all gaps of all volumes in one batched run (:func:`.sampling.sample_gaps`), and pastes
+the results back: ``interpolation`` = mean over the ``T`` repeats (soft mask in [0, 1]) and ``variance`` =
+their per-voxel population variance. Annotated slices are copied (variance 0); slices outside the annotated
+range and blocks whose two annotated slices are both empty stay 0.
+
+Datalist level: :class:`DiffusionInterpolation` reads a datalist, writes ``interpolation`` and ``variance``
+NIfTI files per annotated item, and an updated datalist next to them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from due_ext.data import schema
+from due_ext.data.datalist import SECTIONS, read_datalist, write_datalist
+from due_ext.data.nifti import read_nifti, write_nifti
+from due_ext.interp.blocks import split_blocks
+from due_ext.interp.diffusion.crops import crop_window, extract_crop, paste_crop
+from due_ext.interp.diffusion.model import SliceInterpolationUNet, noise_schedule
+from due_ext.interp.diffusion.sampling import GapJob, SamplerSettings, sample_gaps
+
+logger = logging.getLogger("due_ext.interp")
+
+#: What to run to produce the shipped weights (quoted in the error raised when they are missing).
+TRAIN_COMMAND = "python -m monai.bundle run --config_file bundles/interpolator/train.json"
+
+
+def load_interpolator_weights(model: nn.Module, path: str | os.PathLike, map_location: str = "cpu") -> nn.Module:
+    """Load a plain state dict (``torch.load(weights_only=True)``) into ``model``; fails loudly if missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: interpolator weights not found; train them with `{TRAIN_COMMAND}` "
+                                "(or point the config's model_path at a checkpoint)")
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not fit the network definition ({err})") from err
+    return model
+
+
+def interpolate_volumes(model: nn.Module, annotations: Sequence[np.ndarray], annotated_slices: Sequence[Sequence[int]],
+                        settings: SamplerSettings | None = None, alphas_cumprod: torch.Tensor | None = None,
+                        crop_size: int | None = None, device: torch.device | str = "cpu",
+                        progress: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Fill the gaps of sparse ``(X, Y, Z)`` annotations (slices along Z) with the diffusion model.
+
+    All blocks of all volumes and all repeats are sampled together. Returns ``(interpolation, variance)``
+    float32 ``(X, Y, Z)`` arrays per volume.
+    """
+    settings = settings or SamplerSettings()
+    alphas_cumprod = noise_schedule() if alphas_cumprod is None else alphas_cumprod
+    crop_size = int(crop_size or getattr(model, "crop_size", 32))
+    if len(annotations) != len(annotated_slices):
+        raise ValueError(f"{len(annotations)} annotations but {len(annotated_slices)} annotated-slice lists")
+    results, jobs, placements = [], [], []
+    for v, (annotation, slices) in enumerate(zip(annotations, annotated_slices, strict=True)):
+        annotation = np.asarray(annotation)
+        if annotation.ndim != 3:
+            raise ValueError(f"volume {v}: annotation must be (X, Y, Z), got shape {annotation.shape}")
+        binary = (annotation > 0.5).astype(np.float32)
+        blocks = split_blocks(slices, depth=binary.shape[-1])  # validates the slice indices first
+        mean = np.zeros(binary.shape, np.float32)
+        variance = np.zeros(binary.shape, np.float32)
+        for z in set(int(z) for z in slices):
+            mean[..., z] = binary[..., z]
+        for block in blocks:
+            lower, upper = binary[..., block.start], binary[..., block.stop]
+            window = crop_window([lower, upper], crop_size)
+            if window is None:  # both bounds empty: nothing to interpolate
+                continue
+            jobs.append(GapJob(extract_crop(lower, window, crop_size), extract_crop(upper, window, crop_size),
+                               block.gap, (v, block.start, block.stop)))
+            placements.append((v, block, window))
+        results.append((mean, variance))
+    samples = sample_gaps(model, alphas_cumprod, jobs, settings, device=device, progress=progress)
+    for (v, block, window), sample in zip(placements, samples, strict=True):
+        mean, variance = results[v]
+        shape = mean.shape[:2]
+        block_mean = paste_crop(sample.mean(dim=0), window, shape)  # (gap, X, Y)
+        block_var = paste_crop(sample.var(dim=0, unbiased=False), window, shape)
+        for i, z in enumerate(block.missing):
+            mean[..., z] = np.clip(block_mean[i], 0.0, 1.0)
+            variance[..., z] = np.clip(block_var[i], 0.0, None)
+    return results
+
+
+class DiffusionInterpolation:
+    """Datalist in, ``interpolation`` and ``variance`` NIfTI per annotated item and an updated datalist out.
+
+    Args:
+        network: a :class:`~due_ext.interp.diffusion.model.SliceInterpolationUNet` (weights loaded by
+            ``model_path`` unless ``None``).
+        datalist: input datalist JSON.
+        output_dir: where ``interpolation/``, ``variance/`` and the new datalist go.
+        model_path: weights (plain state dict); a missing file raises ``FileNotFoundError``.
+        sections: datalist sections to process (items without ``annotation`` are copied unchanged).
+        settings: sampler settings (steps, eta, repeats, seed, max_batch, bf16).
+        datalist_name: file name of the updated datalist inside ``output_dir``.
+        device: torch device.
+    """
+
+    def __init__(self, network: nn.Module, datalist: str | os.PathLike, output_dir: str | os.PathLike,
+                 model_path: str | os.PathLike | None, sections: Sequence[str] = SECTIONS,
+                 settings: SamplerSettings | dict | None = None, datalist_name: str = "datalist.json",
+                 device: str = "cpu", progress: bool = True) -> None:
+        self.network = network
+        if model_path is not None:
+            load_interpolator_weights(network, model_path)
+        self.datalist = Path(datalist)
+        self.output_dir = Path(output_dir)
+        self.sections = tuple(sections)
+        self.settings = SamplerSettings(**settings) if isinstance(settings, dict) else (settings or SamplerSettings())
+        self.datalist_name = datalist_name
+        self.device = device
+        self.progress = progress
+
+    def _resolve(self, value: str) -> Path:
+        path = Path(value)
+        return path if path.is_absolute() else self.datalist.parent / path
+
+    def run(self) -> Path:
+        """Interpolate every annotated item; returns the path of the updated datalist."""
+        payload = read_datalist(self.datalist)
+        todo: list[tuple[dict[str, Any], np.ndarray, np.ndarray, list[int], str]] = []
+        out_payload = {k: v for k, v in payload.items() if not isinstance(v, list)}
+        for section in payload:
+            items = payload[section]
+            if not isinstance(items, list):
+                continue
+            new_items = []
+            for index, item in enumerate(items):
+                new = {k: (str(self._resolve(v).resolve()) if k in schema.VOLUME_KEYS and isinstance(v, str) else v)
+                       for k, v in item.items()}
+                new_items.append(new)
+                if section not in self.sections or schema.ANNOTATION not in item:
+                    continue
+                path = self._resolve(item[schema.ANNOTATION])
+                annotation, affine = read_nifti(path)
+                if annotation.ndim != 3:
+                    raise ValueError(f"{path}: annotation must be a 3D (X, Y, Z) volume, got shape {annotation.shape}")
+                slices = item.get(schema.ANNOTATED_SLICES)
+                if slices is None:
+                    raise ValueError(f"{path}: item {index} of section {section!r} has an annotation but no "
+                                     f"{schema.ANNOTATED_SLICES}")
+                name = Path(item[schema.ANNOTATION]).name.split(".nii")[0]
+                todo.append((new, annotation, affine, [int(z) for z in slices], f"{section}_{name}"))
+            out_payload[section] = new_items
+        logger.info("interpolating %d annotated items with %s", len(todo), self.settings)
+        self.network.to(self.device)
+        results = interpolate_volumes(self.network, [t[1] for t in todo], [t[3] for t in todo],
+                                      self.settings, device=self.device, progress=self.progress)
+        for (item, _, affine, _, name), (mean, variance) in zip(todo, results, strict=True):
+            item[schema.INTERPOLATION] = str(write_nifti(self.output_dir / "interpolation" / f"{name}.nii.gz",
+                                                         mean, affine).resolve())
+            item[schema.VARIANCE] = str(write_nifti(self.output_dir / "variance" / f"{name}.nii.gz",
+                                                    variance, affine).resolve())
+        destination = write_datalist(self.output_dir / self.datalist_name, out_payload)
+        logger.info("wrote %s", destination)
+        return destination
+
+
+def default_network() -> SliceInterpolationUNet:
+    """The shipped architecture (same arguments as ``network_def`` in the bundle's configs)."""
+    return SliceInterpolationUNet()

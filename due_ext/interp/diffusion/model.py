@@ -1,0 +1,119 @@
+"""The conditional denoiser of the diffusion interpolator (DUE paper Eq. 3, MCVD-style conditioning).
+
+Input to the network, channel-concatenated: ``[x_t, m_p * A_prev, m_f * A_next]``, all 2D mask crops scaled to
+``[-1, 1]`` (``-1`` = background, ``+1`` = lesion). A dropped condition (``m = 0``) is therefore all zeros,
+which differs from an *empty* slice (all ``-1``): the network can tell "unknown" from "the object has ended".
+
+Gap conditioning (ours; MCVD has no notion of a variable gap): the target's relative position between its two
+conditions ``position = offset / span`` (in ``(0, 1)``) and the distance between the conditions ``span`` (in
+slices, ``>= 2``; the gap holds ``span - 1`` missing slices). Both go through a small MLP (features
+``position``, ``1 / span``, ``log span``) whose output is *added to the timestep embedding*, the way MONAI's
+``DiffusionModelUNet`` adds a class embedding: we install our MLP in the slot of its ``class_embedding``.
+The network predicts the noise ``eps`` (epsilon parameterisation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDPMScheduler
+from torch import nn
+
+#: Side of the square lesion-centred crops the network sees (see :mod:`.crops`).
+DEFAULT_CROP_SIZE = 24
+#: Number of diffusion steps the network is trained with.
+DEFAULT_TRAIN_TIMESTEPS = 1000
+#: Beta schedule of the forward process; cosine keeps small binary images informative at mid steps.
+DEFAULT_SCHEDULE = "cosine"
+
+
+class GapEmbedding(nn.Module):
+    """Embeds ``(position, span)`` pairs ``(B, 2)`` into the UNet's timestep-embedding space ``(B, dim)``."""
+
+    def __init__(self, dim: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden or dim
+        self.mlp = nn.Sequential(nn.Linear(3, hidden), nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, gap: torch.Tensor) -> torch.Tensor:
+        if gap.dim() != 2 or gap.shape[-1] != 2:
+            raise ValueError(f"GapEmbedding expects (B, 2) = (position, span) pairs, got shape {tuple(gap.shape)}")
+        gap = gap.float()
+        position, span = gap[:, 0], gap[:, 1].clamp(min=1.0)
+        features = torch.stack([position, 1.0 / span, torch.log(span)], dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class SliceInterpolationUNet(nn.Module):
+    """Predicts the noise of a target slice from its noisy version and the two conditioning slices.
+
+    Args:
+        channels: feature channels per UNet level (MONAI ``DiffusionModelUNet``); a few hundred thousand to a
+            few million parameters is the CPU-friendly range.
+        num_res_blocks: residual blocks per level.
+        norm_num_groups: group-norm groups (must divide every entry of ``channels``).
+        num_head_channels: channels per attention head of the middle block.
+        crop_size: side of the square crops (documentation and a shape check; the UNet itself is size-free
+            as long as the size is divisible by ``2 ** (len(channels) - 1)``).
+
+    Call ``model(x_t, timesteps, prev, next, position, span)`` with ``x_t``, ``prev``, ``next`` of shape
+    ``(B, 1, H, W)`` in ``[-1, 1]`` (conditions already multiplied by their masks), ``timesteps`` ``(B,)``
+    integers, ``position`` and ``span`` ``(B,)`` floats; returns the predicted noise ``(B, 1, H, W)``.
+    """
+
+    def __init__(self, channels: Sequence[int] = (16, 32, 64), num_res_blocks: int = 1, norm_num_groups: int = 8,
+                 num_head_channels: int = 16, crop_size: int = DEFAULT_CROP_SIZE) -> None:
+        super().__init__()
+        channels = tuple(int(c) for c in channels)
+        if crop_size % (2 ** (len(channels) - 1)):
+            raise ValueError(f"crop_size {crop_size} must be divisible by 2**{len(channels) - 1} for a UNet with "
+                             f"{len(channels)} levels")
+        self.crop_size = int(crop_size)
+        self.unet = DiffusionModelUNet(
+            spatial_dims=2, in_channels=3, out_channels=1, channels=channels,
+            attention_levels=(False,) * len(channels), num_res_blocks=num_res_blocks,
+            norm_num_groups=norm_num_groups, num_head_channels=num_head_channels, num_class_embeds=1)
+        # MONAI adds class_embedding(class_labels) to the timestep embedding; our continuous gap embedding
+        # takes that slot, so the gap conditions every residual block exactly as the timestep does.
+        self.unet.class_embedding = GapEmbedding(self.unet.time_embed[-1].out_features)
+
+    def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, prev: torch.Tensor, next: torch.Tensor,
+                position: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+        if not (x_t.shape == prev.shape == next.shape) or x_t.dim() != 4 or x_t.shape[1] != 1:
+            raise ValueError(f"x_t, prev and next must all be (B, 1, H, W); got {tuple(x_t.shape)}, "
+                             f"{tuple(prev.shape)}, {tuple(next.shape)}")
+        batch = x_t.shape[0]
+        if position.shape != (batch,) or span.shape != (batch,) or timesteps.shape != (batch,):
+            raise ValueError(f"timesteps, position and span must be ({batch},); got {tuple(timesteps.shape)}, "
+                             f"{tuple(position.shape)}, {tuple(span.shape)}")
+        gap = torch.stack([position.float(), span.float()], dim=-1)
+        return self.unet(torch.cat([x_t, prev, next], dim=1), timesteps, class_labels=gap)
+
+
+def drop_conditions(prev: torch.Tensor, next: torch.Tensor, p_drop: float = 0.5,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paper Eq. 3: multiply each condition by an independent whole-slice mask ``m ~ Bernoulli(1 - p_drop)``.
+
+    ``p_drop = 0.5`` is the paper's ``p_mask``. Returns the masked ``(prev, next)``; a dropped condition is all
+    zeros (the middle of the ``[-1, 1]`` mask range, distinct from an empty slice).
+    """
+    if not 0.0 <= p_drop <= 1.0:
+        raise ValueError(f"p_drop must be in [0, 1], got {p_drop}")
+    shape = (prev.shape[0],) + (1,) * (prev.dim() - 1)
+    keep_prev = (torch.rand(shape, generator=generator, device=prev.device) >= p_drop).to(prev.dtype)
+    keep_next = (torch.rand(shape, generator=generator, device=next.device) >= p_drop).to(next.dtype)
+    return prev * keep_prev, next * keep_next
+
+
+def noise_schedule(num_train_timesteps: int = DEFAULT_TRAIN_TIMESTEPS, schedule: str = DEFAULT_SCHEDULE,
+                   **kwargs) -> torch.Tensor:
+    """Cumulative alphas ``(T,)`` float64 of MONAI's ``DDPMScheduler`` (the forward process of training)."""
+    scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, schedule=schedule, **kwargs)
+    return scheduler.alphas_cumprod.to(torch.float64)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
