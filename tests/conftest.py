@@ -131,3 +131,15 @@ def broken_dataset(tmp_path: Path, _tiny_dataset_master: Path) -> Callable[[Call
         return path
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module: with other processes on the 2 cores, OpenMP spin-waiting makes
+    small convolutions about 20x slower. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

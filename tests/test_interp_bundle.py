@@ -19,14 +19,7 @@ from due_ext.interp.diffusion.inference import default_network, interpolate_volu
 from due_ext.interp.diffusion.sampling import SamplerSettings
 from due_ext.interp.evaluate import load_masks_for_evaluation
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: with other processes on the 2 cores, OpenMP spin-waiting makes small convs 20x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "interpolator"
 SHIPPED = BUNDLE / "models" / "model.pt"

@@ -13,14 +13,7 @@ from due_ext.interp.diffusion.model import SliceInterpolationUNet, drop_conditio
 from due_ext.interp.diffusion.sampling import GapJob, SamplerSettings, ddim_timesteps, sample_gaps
 from due_ext.interp.diffusion.training import SliceTripleDataset, diffusion_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: with other processes on the 2 cores, OpenMP spin-waiting makes small convs 20x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CROP = 16
 

@@ -22,14 +22,7 @@ from due_ext.interp.evaluate import (
 )
 from due_ext.metrics.segmentation import dice
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: with other processes on the 2 cores, OpenMP spin-waiting makes small convs 20x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_dice_values():
