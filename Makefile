@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 MAX_JOBS ?= 2
-DEMO_DIR ?= data/lung-ct
+METHOD ?= due
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu)
 
@@ -22,7 +22,7 @@ $(VENV)/.installed: $(SOURCES)
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m due_ext demo --out $(DEMO_DIR)
+	$(PY) -m due_ext demo --method $(METHOD)
 
 test: install
 	$(PY) -m ruff check .

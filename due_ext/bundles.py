@@ -67,11 +67,46 @@ def method_volume_keys(method: str) -> list[str]:
     return ["image", "annotation", *METHOD_KEYS.get(method, ()), "mask"]
 
 
-def prepared_datalist(datalist: str, method: str) -> str:
-    """The datalist a method trains on: ``datalist`` itself when every annotated positive already has the keys
-    the method needs; otherwise a clear error naming what is missing and how to produce it.
+def _run_bundle_component(name: str, config: str, component: str, overrides: dict) -> str:
+    """Build ``component`` of ``bundles/<name>/<config>`` with ``overrides`` and call its ``run()``."""
+    from monai.bundle import ConfigParser
 
-    (DUE's keys ``interpolation`` and ``weights`` come from the interpolator and uncertainty bundles.)
+    parser = ConfigParser()
+    parser.read_config(str(Path(bundle_root(name)) / config))
+    parser.update(overrides)
+    parser.parse()
+    return str(parser.get_parsed_content(component).run())
+
+
+def derive_uncertainty_keys(datalist: str, sections: tuple[str, ...] = ("training", "validation")) -> str:
+    """Add DUE's derived keys to ``datalist`` with the shipped upstream models; returns the new datalist.
+
+    Runs the interpolator bundle's inference (``interpolation``, diffusion mean of the repeats) and then the
+    uncertainty bundle's inference (``variance`` from the neural process and ``weights``) on ``sections``,
+    through their own ``inference.json`` (so the network definitions have one home). Results go to
+    ``<datalist folder>/derived-<hash of both checkpoints>/`` and are reused on later runs.
+    """
+    digest = hashlib.sha1()
+    for name in ("interpolator", "uncertainty"):
+        digest.update((Path(bundle_root(name)) / "models" / "model.pt").read_bytes())
+    digest.update(json.dumps(sorted(sections)).encode())
+    folder = Path(datalist).resolve().parent / f"derived-{digest.hexdigest()[:10]}"
+    final = folder / "uncertainty" / "datalist.json"
+    if final.is_file():
+        return str(final)
+    logger.info("deriving interpolation and uncertainty weights for %s into %s", datalist, folder)
+    interpolated = _run_bundle_component("interpolator", "inference.json", "interpolation", {
+        "datalist": str(Path(datalist).resolve()), "output_dir": str(folder / "interpolator"),
+        "sections": list(sections)})
+    return _run_bundle_component("uncertainty", "inference.json", "inference", {
+        "datalist": interpolated, "output_dir": str(folder / "uncertainty"), "sections": list(sections)})
+
+
+def prepared_datalist(datalist: str, method: str, derive: bool = True) -> str:
+    """The datalist ``method`` trains on: ``datalist`` itself when every annotated positive of the training
+    and validation sections already has the keys the method needs; otherwise, with ``derive``, the datalist
+    :func:`derive_uncertainty_keys` writes (DUE's ``interpolation`` and ``weights`` from the shipped
+    interpolator and uncertainty models); without ``derive``, an error naming what is missing.
     """
     from due_ext.data.datalist import read_datalist
 
@@ -81,12 +116,14 @@ def prepared_datalist(datalist: str, method: str) -> str:
     payload = read_datalist(datalist)
     missing = sorted({key for section in ("training", "validation") for item in payload.get(section, [])
                       if item.get("label") == 1 and "annotation" in item for key in needed if key not in item})
-    if missing:
-        raise ValueError(f"{datalist}: method {method!r} needs {missing} on every annotated positive. Produce them "
-                         "with the interpolator and uncertainty bundles' inference configs "
-                         "(bundles/interpolator/inference.json, bundles/uncertainty/inference.json) and train on the "
-                         "datalist they write, or pick another method (--method baseline_plus)")
-    return datalist
+    if not missing:
+        return datalist
+    if derive:
+        return derive_uncertainty_keys(datalist)
+    raise ValueError(f"{datalist}: method {method!r} needs {missing} on every annotated positive. Produce them "
+                     "with the interpolator and uncertainty bundles' inference configs "
+                     "(bundles/interpolator/inference.json, bundles/uncertainty/inference.json) or let the DUE "
+                     "bundle derive them (derive=True), or pick another method (--method baseline_plus)")
 
 
 def require_inputs(files: list[str], where: str) -> None:

@@ -35,14 +35,14 @@ def trained(tmp_path_factory):
 def test_train_writes_best_model_and_checkpoint(trained):
     _, root = trained
     assert (root / "models" / "model.pt").is_file()
-    assert (root / "eval" / "checkpoints" / "checkpoint_epoch=1.pt").is_file()
+    assert (root / "eval" / "baseline_plus" / "checkpoints" / "checkpoint_epoch=1.pt").is_file()
 
 
 def test_evaluate_writes_metrics_and_figures(trained):
     tmp, root = trained
     configs = json.dumps([str(BUNDLE / "train.json"), str(BUNDLE / "evaluate.json")])
     _bundle(["run", "--config_file", configs, "--bundle_root", str(root), *TINY], tmp)
-    test_dir = root / "eval" / "test"
+    test_dir = root / "eval" / "baseline_plus" / "test"
     metrics = json.loads((test_dir / "metrics.json").read_text())
     assert {"roc_auc", "pr_auc", "accuracy"} <= set(metrics["prediction"])
     assert metrics["n_positives"] > 0 and "iou" in metrics["explanation"]
@@ -89,5 +89,29 @@ def test_two_process_training_on_cpu(tmp_path):
     assert (root / "models" / "model.pt").is_file()
     import torch
 
-    state = torch.load(root / "eval" / "checkpoints" / "checkpoint_epoch=1.pt", weights_only=True)
+    state = torch.load(root / "eval" / "baseline_plus" / "checkpoints" / "checkpoint_epoch=1.pt", weights_only=True)
     assert not any(key.startswith("module.") for key in state["network"])  # resumable without DDP too
+
+
+def test_due_method_derives_interpolation_and_weights_then_trains(tmp_path):
+    root = tmp_path / "bundle"
+    root.mkdir()
+    args = [a if a != "baseline_plus" else "due" for a in TINY]
+    _bundle(["run", "--config_file", str(BUNDLE / "train.json"), "--bundle_root", str(root), *args], tmp_path)
+    derived = sorted((tmp_path / "cache" / "datasets").glob("phantom-*/derived-*/uncertainty/datalist.json"))
+    assert len(derived) == 1
+    positives = [i for i in json.loads(derived[0].read_text())["training"] if i["label"] == 1]
+    assert positives and all({"interpolation", "weights", "variance"} <= set(item) for item in positives)
+    assert (root / "eval" / "due" / "checkpoints" / "checkpoint_epoch=1.pt").is_file()
+
+
+def test_prepared_datalist_names_missing_keys_without_derivation(tmp_path):
+    from due_ext.bundles import prepared_datalist
+    from due_ext.data.datalist import write_datalist
+
+    datalist = tmp_path / "datalist.json"
+    write_datalist(datalist, {"training": [{"image": "a.nii.gz", "label": 1, "annotation": "m.nii.gz",
+                                            "annotated_slices": [0, 3]}]})
+    assert prepared_datalist(str(datalist), "baseline_plus") == str(datalist)
+    with pytest.raises(ValueError, match=r"\['interpolation', 'weights'\]"):
+        prepared_datalist(str(datalist), "due", derive=False)
