@@ -172,3 +172,26 @@ def test_atomic_writers_give_plain_file_permissions(tmp_path):
     assert (volume.stat().st_mode & 0o777) == 0o644
     assert (listing.stat().st_mode & 0o777) == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json", "v.nii.gz"]  # no temporaries left
+
+
+def test_collect_annotated_items_makes_paths_absolute_and_checks_items(tmp_path):
+    import numpy as np
+    import pytest
+
+    from due_ext.data.annotated_items import collect_annotated_items
+    from due_ext.data.datalist import write_datalist
+    from due_ext.data.nifti import write_nifti
+
+    mask = np.zeros((4, 4, 5), np.uint8)
+    mask[1:3, 1:3, [0, 4]] = 1
+    write_nifti(tmp_path / "m.nii.gz", mask)
+    positive = {"image": "i.nii.gz", "label": 1, "annotation": "m.nii.gz", "annotated_slices": [0, 4]}
+    write_datalist(tmp_path / "d.json", {"training": [positive, {"image": "n.nii.gz", "label": 0}],
+                                         "test": [dict(positive)]})
+    payload, items = collect_annotated_items(tmp_path / "d.json", ["training"])
+    assert [item.name for item in items] == ["training_m"] and items[0].slices == [0, 4]
+    assert payload["training"][1]["image"] == str((tmp_path / "n.nii.gz").resolve())
+    assert payload["test"][0]["annotation"] == str((tmp_path / "m.nii.gz").resolve())  # copied, not collected
+    write_datalist(tmp_path / "bad.json", {"training": [{**positive, "annotated_slices": [0, 7]}]})
+    with pytest.raises(ValueError, match=r"m.nii.gz: annotated slices \[7\]"):
+        collect_annotated_items(tmp_path / "bad.json", ["training"])

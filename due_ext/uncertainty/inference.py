@@ -22,15 +22,15 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from due_ext.data import schema
-from due_ext.data.datalist import SECTIONS, read_datalist, write_datalist
-from due_ext.data.nifti import read_nifti, write_nifti
+from due_ext.data.annotated_items import collect_annotated_items
+from due_ext.data.datalist import SECTIONS, write_datalist
+from due_ext.data.nifti import write_nifti
 from due_ext.engines.checkpoints import load_network_weights
 from due_ext.interp.blocks import split_blocks
 from due_ext.interp.diffusion.crops import crop_window, extract_crop, paste_crop
@@ -143,54 +143,23 @@ class UncertaintyInference:
         self.batch_size = int(batch_size)
         self.device = device
 
-    def _resolve(self, value: str) -> Path:
-        path = Path(value)
-        return path if path.is_absolute() else self.datalist.parent / path
-
     def run(self) -> Path:
         """Predict every annotated item; returns the path of the updated datalist."""
         if not self.datalist.is_file():
             raise FileNotFoundError(f"{self.datalist}: datalist not found (the uncertainty bundle reads the "
                                     "interpolator's output: run bundles/interpolator/inference.json first, or pass "
                                     "--datalist)")
-        payload = read_datalist(self.datalist)
-        out_payload: dict[str, Any] = {k: v for k, v in payload.items() if not isinstance(v, list)}
-        todo: list[tuple[dict[str, Any], np.ndarray, np.ndarray, list[int], str]] = []
-        for section, items in payload.items():
-            if not isinstance(items, list):
-                continue
-            new_items = []
-            for index, item in enumerate(items):
-                new = {k: (str(self._resolve(v).resolve()) if k in schema.VOLUME_KEYS and isinstance(v, str) else v)
-                       for k, v in item.items()}
-                new_items.append(new)
-                if section not in self.sections or schema.ANNOTATION not in item:
-                    continue
-                path = self._resolve(item[schema.ANNOTATION])
-                annotation, affine = read_nifti(path)
-                if annotation.ndim != 3:
-                    raise ValueError(f"{path}: annotation must be a 3D (X, Y, Z) volume, got shape {annotation.shape}")
-                slices = item.get(schema.ANNOTATED_SLICES)
-                if slices is None:
-                    raise ValueError(f"{path}: item {index} of section {section!r} has an annotation but no "
-                                     f"{schema.ANNOTATED_SLICES}")
-                bad = [int(z) for z in slices if not 0 <= int(z) < annotation.shape[-1]]
-                if bad:
-                    raise ValueError(f"{path}: annotated slices {bad} lie outside the volume's "
-                                     f"{annotation.shape[-1]} Z slices")
-                name = Path(item[schema.ANNOTATION]).name.split(".nii")[0]
-                todo.append((new, annotation, affine, [int(z) for z in slices], f"{section}_{name}"))
-            out_payload[section] = new_items
+        out_payload, todo = collect_annotated_items(self.datalist, self.sections)
         logger.info("predicting the uncertainty of %d annotated items", len(todo))
         self.network.to(self.device)
-        variances = predict_volume_variance(self.network, [t[1] for t in todo], [t[3] for t in todo],
+        variances = predict_volume_variance(self.network, [t.annotation for t in todo], [t.slices for t in todo],
                                             batch_size=self.batch_size, device=self.device)
-        for (item, _, affine, slices, name), variance in zip(todo, variances, strict=True):
-            weights = uncertainty_weights(variance, slices, **self.weight_options)
-            item[schema.VARIANCE] = str(write_nifti(self.output_dir / "variance" / f"{name}.nii.gz", variance,
-                                                    affine).resolve())
-            item[schema.WEIGHTS] = str(write_nifti(self.output_dir / "weights" / f"{name}.nii.gz", weights,
-                                                   affine).resolve())
+        for item, variance in zip(todo, variances, strict=True):
+            weights = uncertainty_weights(variance, item.slices, **self.weight_options)
+            item.entry[schema.VARIANCE] = str(write_nifti(
+                self.output_dir / "variance" / f"{item.name}.nii.gz", variance, item.affine).resolve())
+            item.entry[schema.WEIGHTS] = str(write_nifti(
+                self.output_dir / "weights" / f"{item.name}.nii.gz", weights, item.affine).resolve())
         destination = write_datalist(self.output_dir / self.datalist_name, out_payload)
         logger.info("wrote %s", destination)
         return destination

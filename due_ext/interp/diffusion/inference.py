@@ -17,15 +17,15 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from due_ext.data import schema
-from due_ext.data.datalist import SECTIONS, read_datalist, write_datalist
-from due_ext.data.nifti import read_nifti, write_nifti
+from due_ext.data.annotated_items import collect_annotated_items
+from due_ext.data.datalist import SECTIONS, write_datalist
+from due_ext.data.nifti import write_nifti
 from due_ext.interp.blocks import split_blocks
 from due_ext.interp.diffusion.crops import crop_window, extract_crop, paste_crop
 from due_ext.interp.diffusion.model import SliceInterpolationUNet, noise_schedule
@@ -129,46 +129,18 @@ class DiffusionInterpolation:
         self.device = device
         self.progress = progress
 
-    def _resolve(self, value: str) -> Path:
-        path = Path(value)
-        return path if path.is_absolute() else self.datalist.parent / path
-
     def run(self) -> Path:
         """Interpolate every annotated item; returns the path of the updated datalist."""
-        payload = read_datalist(self.datalist)
-        todo: list[tuple[dict[str, Any], np.ndarray, np.ndarray, list[int], str]] = []
-        out_payload = {k: v for k, v in payload.items() if not isinstance(v, list)}
-        for section in payload:
-            items = payload[section]
-            if not isinstance(items, list):
-                continue
-            new_items = []
-            for index, item in enumerate(items):
-                new = {k: (str(self._resolve(v).resolve()) if k in schema.VOLUME_KEYS and isinstance(v, str) else v)
-                       for k, v in item.items()}
-                new_items.append(new)
-                if section not in self.sections or schema.ANNOTATION not in item:
-                    continue
-                path = self._resolve(item[schema.ANNOTATION])
-                annotation, affine = read_nifti(path)
-                if annotation.ndim != 3:
-                    raise ValueError(f"{path}: annotation must be a 3D (X, Y, Z) volume, got shape {annotation.shape}")
-                slices = item.get(schema.ANNOTATED_SLICES)
-                if slices is None:
-                    raise ValueError(f"{path}: item {index} of section {section!r} has an annotation but no "
-                                     f"{schema.ANNOTATED_SLICES}")
-                name = Path(item[schema.ANNOTATION]).name.split(".nii")[0]
-                todo.append((new, annotation, affine, [int(z) for z in slices], f"{section}_{name}"))
-            out_payload[section] = new_items
+        out_payload, todo = collect_annotated_items(self.datalist, self.sections)
         logger.info("interpolating %d annotated items with %s", len(todo), self.settings)
         self.network.to(self.device)
-        results = interpolate_volumes(self.network, [t[1] for t in todo], [t[3] for t in todo],
+        results = interpolate_volumes(self.network, [t.annotation for t in todo], [t.slices for t in todo],
                                       self.settings, device=self.device, progress=self.progress)
-        for (item, _, affine, _, name), (mean, variance) in zip(todo, results, strict=True):
-            item[schema.INTERPOLATION] = str(write_nifti(self.output_dir / "interpolation" / f"{name}.nii.gz",
-                                                         mean, affine).resolve())
-            item[schema.VARIANCE] = str(write_nifti(self.output_dir / "variance" / f"{name}.nii.gz",
-                                                    variance, affine).resolve())
+        for item, (mean, variance) in zip(todo, results, strict=True):
+            item.entry[schema.INTERPOLATION] = str(write_nifti(
+                self.output_dir / "interpolation" / f"{item.name}.nii.gz", mean, item.affine).resolve())
+            item.entry[schema.VARIANCE] = str(write_nifti(
+                self.output_dir / "variance" / f"{item.name}.nii.gz", variance, item.affine).resolve())
         destination = write_datalist(self.output_dir / self.datalist_name, out_payload)
         logger.info("wrote %s", destination)
         return destination
