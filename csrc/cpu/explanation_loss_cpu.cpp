@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../explanation_loss.h"
+#include "../explanation_loss_inputs.h"
 
 namespace due_ext {
 namespace {
@@ -453,54 +454,19 @@ void explanation_loss_cpu_impl(const at::Tensor& features, const at::Tensor& alp
   }
 }
 
-void check_volume(const at::Tensor& t, const char* name, const at::Tensor& like, const at::Tensor& features) {
-  TORCH_CHECK(t.sizes() == like.sizes(), "due_ext::explanation_loss_fwd: ", name, " has shape ", t.sizes(),
-              ", expected ", like.sizes(), " (the target's shape)");
-  TORCH_CHECK(t.scalar_type() == features.scalar_type(), "due_ext::explanation_loss_fwd: ", name, " dtype ",
-              t.scalar_type(), " differs from the features' ", features.scalar_type());
-  TORCH_CHECK(t.device() == features.device(), "due_ext::explanation_loss_fwd: ", name, " is on ", t.device(),
-              ", the features on ", features.device());
-}
-
-Shapes explanation_loss_shapes(const at::Tensor& features, const at::Tensor& alpha, const at::Tensor& target) {
-  TORCH_CHECK(features.dim() == 5, "due_ext::explanation_loss_fwd: features must be (B, C, d, h, w), got ",
-              features.sizes());
-  TORCH_CHECK(alpha.dim() == 2 && alpha.size(0) == features.size(0) && alpha.size(1) == features.size(1),
-              "due_ext::explanation_loss_fwd: alpha must be (B, C) = ", features.sizes().slice(0, 2), ", got ",
-              alpha.sizes());
-  TORCH_CHECK(target.dim() == 4 && target.size(0) == features.size(0),
-              "due_ext::explanation_loss_fwd: target must be (B, X, Y, Z) with B = ", features.size(0), ", got ",
-              target.sizes());
-  TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kDouble,
-              "due_ext::explanation_loss_fwd: features must be float32 or float64, got ", features.scalar_type());
-  return Shapes{features.size(0), features.size(1), features.size(2), features.size(3), features.size(4),
-                target.size(1),   target.size(2),   target.size(3)};
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> explanation_loss_fwd_cpu(
     const at::Tensor& features_in, const at::Tensor& alpha_in, const at::Tensor& target_in,
     const std::optional<at::Tensor>& soft_in, const std::optional<at::Tensor>& weights_in,
     c10::string_view method_name, bool need_grad, bool write_cam) {
-  const Shapes s = explanation_loss_shapes(features_in, alpha_in, target_in);
-  const ExplanationMethod method = parse_explanation_method(std::string(method_name));
-  const at::Tensor features = features_in.contiguous(), alpha = alpha_in.contiguous();
-  const at::Tensor target = target_in.contiguous();
-  check_volume(alpha, "alpha", alpha, features);
-  check_volume(target, "target", target, features);
-  const bool due_like = method == ExplanationMethod::kDue || method == ExplanationMethod::kBaselinePlus;
-  TORCH_CHECK(!due_like || soft_in.has_value(), "due_ext::explanation_loss_fwd: method '", method_name,
-              "' needs soft_target");
-  at::Tensor soft, weights;
-  if (due_like) {
-    soft = soft_in->contiguous();
-    check_volume(soft, "soft_target", target, features);
-  }
-  if (weights_in.has_value() && method != ExplanationMethod::kBaselinePlus) {
-    weights = weights_in->contiguous();
-    check_volume(weights, "weights", target, features);
-  }
+  const ExplanationInputs in = prepare_explanation_inputs(features_in, alpha_in, target_in, soft_in, weights_in,
+                                                          method_name);
+  const at::Tensor &features = in.features, &alpha = in.alpha, &target = in.target;
+  const at::Tensor &soft = in.soft, &weights = in.weights;
+  const ExplanationMethod method = in.method;
+  const Shapes s{features.size(0), features.size(1), features.size(2), features.size(3), features.size(4),
+                 target.size(1),   target.size(2),   target.size(3)};
   at::Tensor loss = at::empty({s.B}, features.options());
   at::Tensor grad_pre = at::zeros({s.B, s.d, s.h, s.w}, features.options());
   at::Tensor cam = write_cam ? at::empty({s.B, s.X, s.Y, s.Z}, features.options()) : at::empty({0}, features.options());

@@ -22,6 +22,7 @@
 #include <string>
 
 #include "../explanation_loss.h"
+#include "../explanation_loss_inputs.h"
 
 namespace due_ext {
 namespace {
@@ -291,46 +292,18 @@ __global__ void finalize_kernel(const T* __restrict__ cam, const T* __restrict__
   }
 }
 
-void check_volume(const at::Tensor& t, const char* name, const at::Tensor& target, const at::Tensor& features) {
-  TORCH_CHECK(t.sizes() == target.sizes(), "due_ext::explanation_loss_fwd: ", name, " has shape ", t.sizes(),
-              ", expected ", target.sizes(), " (the target's shape)");
-  TORCH_CHECK(t.scalar_type() == features.scalar_type(), "due_ext::explanation_loss_fwd: ", name, " dtype ",
-              t.scalar_type(), " differs from the features' ", features.scalar_type());
-  TORCH_CHECK(t.device() == features.device(), "due_ext::explanation_loss_fwd: ", name, " is on ", t.device(),
-              ", the features on ", features.device());
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> explanation_loss_fwd_cuda(
     const at::Tensor& features_in, const at::Tensor& alpha_in, const at::Tensor& target_in,
     const std::optional<at::Tensor>& soft_in, const std::optional<at::Tensor>& weights_in,
     c10::string_view method_name, bool need_grad, bool write_cam) {
-  TORCH_CHECK(features_in.dim() == 5 && alpha_in.dim() == 2 && target_in.dim() == 4 &&
-                  alpha_in.size(0) == features_in.size(0) && alpha_in.size(1) == features_in.size(1) &&
-                  target_in.size(0) == features_in.size(0),
-              "due_ext::explanation_loss_fwd: expected features (B, C, d, h, w), alpha (B, C), target (B, X, Y, Z); "
-              "got ", features_in.sizes(), ", ", alpha_in.sizes(), ", ", target_in.sizes());
-  TORCH_CHECK(features_in.scalar_type() == at::kFloat || features_in.scalar_type() == at::kDouble,
-              "due_ext::explanation_loss_fwd: features must be float32 or float64, got ", features_in.scalar_type());
-  const ExplanationMethod method = parse_explanation_method(std::string(method_name));
+  const ExplanationInputs in = prepare_explanation_inputs(features_in, alpha_in, target_in, soft_in, weights_in,
+                                                          method_name);
   const c10::cuda::CUDAGuard guard(features_in.device());
-  const at::Tensor features = features_in.contiguous(), alpha = alpha_in.contiguous();
-  const at::Tensor target = target_in.contiguous();
-  check_volume(alpha, "alpha", alpha, features);
-  check_volume(target, "target", target, features);
-  const bool due_like = method == ExplanationMethod::kDue || method == ExplanationMethod::kBaselinePlus;
-  TORCH_CHECK(!due_like || soft_in.has_value(), "due_ext::explanation_loss_fwd: method '", method_name,
-              "' needs soft_target");
-  at::Tensor soft, weights;
-  if (due_like) {
-    soft = soft_in->contiguous();
-    check_volume(soft, "soft_target", target, features);
-  }
-  if (weights_in.has_value() && method != ExplanationMethod::kBaselinePlus) {
-    weights = weights_in->contiguous();
-    check_volume(weights, "weights", target, features);
-  }
+  const at::Tensor &features = in.features, &alpha = in.alpha, &target = in.target;
+  const at::Tensor &soft = in.soft, &weights = in.weights;
+  const ExplanationMethod method = in.method;
   const Dims s{features.size(0), features.size(1), features.size(2), features.size(3), features.size(4),
                target.size(1),   target.size(2),   target.size(3)};
   auto options = features.options();
