@@ -7,19 +7,8 @@ kernels (:mod:`due_ext.ops`, compiled in ``due_ext._C``), Grad-CAM and explanati
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from due_ext._backends import BackendStatus
+from due_ext._backends import backends
 
 __version__ = "0.1.0"
-
-
-def backends() -> dict[str, BackendStatus]:
-    """Report every kernel backend (see :func:`due_ext._backends.backends`). Imported on call so that
-    ``import due_ext`` (and ``python -m due_ext --help``) does not pay for importing torch."""
-    from due_ext._backends import backends as report
-
-    return report()
 
 __all__ = ["__version__", "backends"]
