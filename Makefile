@@ -15,7 +15,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp
 $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install -q --no-build-isolation -e '.[test,export]'
 	$(PY) -c "import due_ext, due_ext._C; [print(s) for s in due_ext.backends().values()]"
 	touch $@
 

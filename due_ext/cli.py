@@ -116,6 +116,28 @@ class UncertaintyCommands:
         print(f"results: {out}")
 
 
+class BundleCommands:
+    """Share the bundles: export them in the MONAI model-zoo layout."""
+
+    def export(self, name: str, out: str, zip: bool = False, large_file_mb: float = 25.0) -> None:
+        """Write bundles/NAME as a self-contained model-zoo bundle in OUT (configs/, models/, scripts/, docs/,
+        LICENSE, large_files.yml where a file is over LARGE_FILE_MB); it runs without due_ext installed.
+
+        Args:
+            name: due, interpolator or uncertainty.
+            out: output folder (replaced if it exists).
+            zip: also write OUT.zip (the bundle folder inside, as the model zoo publishes it).
+            large_file_mb: size above which a file is listed in large_files.yml (model zoo: 25 MB).
+        """
+        from due_ext.export import export_bundle
+
+        summary = export_bundle(name, out, zip=zip, large_file_mb=large_file_mb)
+        print(f"{name}: exported to {summary['path']} ({len(summary['modules'])} vendored modules, "
+              f"metadata verified)" + (f"; archive {summary['zip']}" if summary["zip"] else ""))
+        for path in summary["large_files"]:
+            print(f"large file listed in large_files.yml: {path}")
+
+
 class DueCLI:
     """DUE: dynamic uncertainty-aware explanation supervision for 3D medical images.
 
@@ -126,6 +148,7 @@ class DueCLI:
         self.data = DataCommands()
         self.interp = InterpCommands()
         self.uncertainty = UncertaintyCommands()
+        self.bundle = BundleCommands()
 
     def demo(self, method: str = "due") -> None:
         """Run the main job on the embedded default data (what `make demo` runs).
