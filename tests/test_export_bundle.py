@@ -36,9 +36,19 @@ def exported(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("name", BUNDLES)
 def test_model_zoo_layout(exported, name):
     folder = exported[name]
-    for rel in ("configs/train.json", "configs/inference.json", "configs/metadata.json", "configs/logging.conf",
-                "models/model.pt", "docs/README.md", "docs/data_license.txt", "LICENSE", "scripts/__init__.py",
-                "scripts/due_ext/__init__.py", "scripts/due_ext/ops/_dispatch.py"):
+    for rel in (
+        "configs/train.json",
+        "configs/inference.json",
+        "configs/metadata.json",
+        "configs/logging.conf",
+        "models/model.pt",
+        "docs/README.md",
+        "docs/data_license.txt",
+        "LICENSE",
+        "scripts/__init__.py",
+        "scripts/due_ext/__init__.py",
+        "scripts/due_ext/ops/_dispatch.py",
+    ):
         assert (folder / rel).is_file(), rel
     assert not (folder / "large_files.yml").exists()
     # the compiled extension is never shipped, nor the CLI or the exporter
