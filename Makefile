@@ -10,7 +10,7 @@ METHOD ?= due
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu)
 
-.PHONY: install demo test cuda-build clean
+.PHONY: install demo test deploy-test cuda-build clean
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,17 @@ demo: install
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# The MONAI Deploy application's test (CI runs it after `make test`). The SDK pulls holoscan and CUDA Python
+# wheels (~1.5 GB), so it lives in its own venv (kept in the cache): torch from the local CPU wheel first, then
+# deploy/requirements.txt; due_ext is not installed there (the app runs the exported bundle's vendored code).
+DEPLOY_VENV ?= $(HOME)/.cache/due_ext/venv-deploy
+
+deploy-test: install
+	test -x $(DEPLOY_VENV)/bin/python || $(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install -q $(TORCH_SPEC)
+	$(DEPLOY_VENV)/bin/pip install -q -r deploy/requirements.txt
+	DUE_DEPLOY_PYTHON=$(DEPLOY_VENV)/bin/python $(PY) -m pytest -q tests/test_deploy_app.py
 
 # CI proof that the CUDA kernels compile and link (no GPU runs them here): a separate venv with the CUDA
 # build of torch (from local disk, ~5.5 GB, kept in the cache between runs) compiles the extension with

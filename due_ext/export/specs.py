@@ -117,6 +117,16 @@ annotation) and its main output `pred` ({pred}), as the model-zoo schema require
 """
 
 
+DEPLOY_SECTION = {
+    "preprocessing": {
+        "_target_": "Compose",
+        "transforms": [
+            {"_target_": "EnsureChannelFirstd", "keys": "image", "channel_dim": "no_channel"},
+            {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},
+        ],
+    }
+}
+
 SPECS: dict[str, ExportSpec] = {
     "due": ExportSpec(
         name="due",
@@ -126,6 +136,9 @@ SPECS: dict[str, ExportSpec] = {
             "train.json": {
                 "training_datalist": "$scripts.due_ext.bundles.prepared_datalist(@datalist, @method, derive=False)"
             },
+            # what MONAI Deploy's MonaiBundleInferenceOperator runs on the in-memory (X, Y, Z) array it
+            # receives (its loader replaces LoadImaged; deploy/app.py): channel first, float32
+            "inference.json": {"deploy": DEPLOY_SECTION},
         },
         data_license=_LUNG_CT_LICENSE,
         usage=_DUE_USAGE,
