@@ -114,6 +114,9 @@ python -m monai.bundle run --config_file configs/train.json
 
 `network_data_format` in `configs/metadata.json` names the bundle's volume input `image` (the sparse
 annotation) and its main output `pred` ({pred}), as the model-zoo schema requires.
+
+TorchScript/ONNX: not provided for this network. MONAI's `ckpt_export`/`onnx_export` feed one input tensor,
+this network takes several, and `torch.jit.script` rejects its Python-only input checks and output types.
 """
 
 
