@@ -119,7 +119,8 @@ class UncertaintyCommands:
 class BundleCommands:
     """Share the bundles: export them in the MONAI model-zoo layout."""
 
-    def export(self, name: str, out: str, zip: bool = False, large_file_mb: float = 25.0) -> None:
+    def export(self, name: str, out: str, zip: bool = False, large_file_mb: float = 25.0,
+               model: str | None = None) -> None:
         """Write bundles/NAME as a self-contained model-zoo bundle in OUT (configs/, models/, scripts/, docs/,
         LICENSE, large_files.yml where a file is over LARGE_FILE_MB); it runs without due_ext installed.
 
@@ -128,10 +129,12 @@ class BundleCommands:
             out: output folder (replaced if it exists).
             zip: also write OUT.zip (the bundle folder inside, as the model zoo publishes it).
             large_file_mb: size above which a file is listed in large_files.yml (model zoo: 25 MB).
+            model: weights to ship as models/model.pt (default: bundles/NAME/models/model.pt; the DUE
+                bundle's is written by its training, e.g. `make demo`).
         """
         from due_ext.export import export_bundle
 
-        summary = export_bundle(name, out, zip=zip, large_file_mb=large_file_mb)
+        summary = export_bundle(name, out, zip=zip, large_file_mb=large_file_mb, model=model)
         print(f"{name}: exported to {summary['path']} ({len(summary['modules'])} vendored modules, "
               f"metadata verified)" + (f"; archive {summary['zip']}" if summary["zip"] else ""))
         for path in summary["large_files"]:

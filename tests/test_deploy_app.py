@@ -18,6 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from export_helpers import random_due_weights
 
 from due_ext.data.builders import build_dataset
 from due_ext.export import export_bundle
@@ -52,7 +53,7 @@ def test_deploy_app_matches_the_bundle_inference(deploy_python, tmp_path):
     assert probe.returncode != 0 and "No module named 'due_ext'" in probe.stderr
 
     bundle = tmp_path / "due"
-    export_bundle("due", bundle)
+    export_bundle("due", bundle, model=random_due_weights(tmp_path / "due_weights.pt"))
     build_dataset("phantom", tmp_path / "data", n_pos=6, n_neg=4, size="64,64,32", seed=1)
     inputs = tmp_path / "input"
     inputs.mkdir()

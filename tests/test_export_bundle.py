@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from export_helpers import REPO, random_due_weights
 
 from due_ext.cli import main
 from due_ext.export import export_bundle, verify_bundle_metadata
@@ -26,8 +27,9 @@ UNVENDORED = re.compile(r"(?<![\w.])due_ext\b")
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("exported")
+    weights = {"due": random_due_weights(root / "due_weights.pt")}
     for name in BUNDLES:
-        summary = export_bundle(name, root / name, zip=True)
+        summary = export_bundle(name, root / name, zip=True, model=weights.get(name))
         assert summary["zip"] == str(root / f"{name}.zip")
         assert summary["large_files"] == []  # every shipped file is under the model zoo's 25 MB
     return {name: root / name for name in BUNDLES}
@@ -54,7 +56,8 @@ def test_model_zoo_layout(exported, name):
     # the compiled extension is never shipped, nor the CLI or the exporter
     assert not list(folder.rglob("_C*.so"))
     assert not (folder / "scripts/due_ext/cli.py").exists() and not (folder / "scripts/due_ext/export").exists()
-    assert (folder / "models/model.pt").read_bytes() == (Path("bundles") / name / "models/model.pt").read_bytes()
+    shipped = folder.parent / "due_weights.pt" if name == "due" else REPO / "bundles" / name / "models/model.pt"
+    assert (folder / "models/model.pt").read_bytes() == shipped.read_bytes()
     readme = (folder / "docs/README.md").read_text()
     assert "## Exported bundle" in readme and "configs/inference.json" in readme
     with zipfile.ZipFile(f"{folder}.zip") as zf:
@@ -85,9 +88,8 @@ def test_exported_train_configs_point_inside_the_bundle(exported):
     assert due["training_datalist"].endswith("derive=False)")  # no sibling bundles to derive with
     unc = json.loads((exported["uncertainty"] / "configs/train.json").read_text())
     assert unc["interpolator_weights"] == "$@bundle_root + '/models/interpolator.pt'"
-    assert (exported["uncertainty"] / "models/interpolator.pt").read_bytes() == Path(
-        "bundles/interpolator/models/model.pt"
-    ).read_bytes()
+    interpolator = REPO / "bundles" / "interpolator" / "models" / "model.pt"
+    assert (exported["uncertainty"] / "models/interpolator.pt").read_bytes() == interpolator.read_bytes()
 
 
 @pytest.mark.parametrize("name", BUNDLES)
@@ -155,6 +157,12 @@ def test_cli_export_replaces_the_folder(tmp_path, capsys):
 def test_unknown_bundle_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown"):
         export_bundle("segmenter", tmp_path / "x")
+
+
+def test_missing_weights_fail_before_anything_is_written(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no weights to export"):
+        export_bundle("due", tmp_path / "x", model=tmp_path / "absent.pt")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_rewrite_makes_imports_relative_and_renames_the_op_namespace():

@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from export_helpers import random_due_weights
 
 from due_ext.data.builders import build_dataset
 from due_ext.export import export_bundle
@@ -49,8 +50,9 @@ def clean_python(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bundles")
+    weights = {"due": random_due_weights(root / "due_weights.pt")}
     for name in ("due", "interpolator", "uncertainty"):
-        export_bundle(name, root / name)
+        export_bundle(name, root / name, model=weights.get(name))
     build_dataset("phantom", root / "data", n_pos=6, n_neg=4, size="32,32,16", seed=0)
     return root
 

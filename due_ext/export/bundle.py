@@ -122,8 +122,21 @@ def _readme(spec: ExportSpec, source: Path) -> str:
     )
 
 
-def _build(spec: ExportSpec, out: Path, large_file_mb: float) -> dict[str, Any]:
+def _weights(spec: ExportSpec, source: Path, model: str | os.PathLike | None) -> Path:
+    path = Path(model) if model is not None else source / "models" / "model.pt"
+    if not path.is_file():
+        # bundles/due/models/ holds a training run's output (not in git); the two upstream models are shipped
+        raise FileNotFoundError(
+            f"{path}: no weights to export for {spec.name!r}; train the bundle first "
+            f"(python -m monai.bundle run --config_file bundles/{spec.name}/train.json) "
+            "or pass model=PATH (--model PATH)"
+        )
+    return path
+
+
+def _build(spec: ExportSpec, out: Path, large_file_mb: float, model: str | os.PathLike | None) -> dict[str, Any]:
     source = Path(bundle_root(spec.name))
+    weights = _weights(spec, source, model)
     (out / "configs").mkdir(parents=True)
     (out / "models").mkdir()
     (out / "docs").mkdir()
@@ -138,7 +151,7 @@ def _build(spec: ExportSpec, out: Path, large_file_mb: float) -> dict[str, Any]:
     vendored = vendor_package(_module_prefixes(modules), out / "scripts")
     metadata = export_metadata(json.loads((source / "metadata.json").read_text()), spec, vendored)
     _write_json(out / "configs" / "metadata.json", metadata)
-    shutil.copy2(source / "models" / "model.pt", out / "models" / "model.pt")
+    shutil.copy2(weights, out / "models" / "model.pt")
     for target, (bundle, name) in spec.extra_models.items():
         shutil.copy2(Path(bundle_root(bundle)) / "models" / name, out / "models" / target)
     for doc in (source / "docs").glob("*"):
@@ -165,9 +178,16 @@ def _zip(folder: Path, name: str) -> Path:
 
 
 def export_bundle(
-    name: str, out: str | os.PathLike, zip: bool = False, large_file_mb: float = LARGE_FILE_MB
+    name: str,
+    out: str | os.PathLike,
+    zip: bool = False,
+    large_file_mb: float = LARGE_FILE_MB,
+    model: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Export ``bundles/<name>`` to the folder ``out`` (replaced if it exists); with ``zip`` also ``out.zip``.
+
+    ``model``: the weights to ship as ``models/model.pt`` (a state dict of the bundle's ``network_def``);
+    default ``bundles/<name>/models/model.pt``.
 
     Returns a summary: ``{"bundle", "path", "configs", "modules", "large_files", "zip"}``.
     """
@@ -177,7 +197,7 @@ def export_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        summary = _build(SPECS[name], staging / "bundle", large_file_mb)
+        summary = _build(SPECS[name], staging / "bundle", large_file_mb, model)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging / "bundle", out)
