@@ -134,7 +134,11 @@ class BundleCommands:
         """
         from due_ext.export import export_bundle
 
-        summary = export_bundle(name, out, zip=zip, large_file_mb=large_file_mb, model=model)
+        try:
+            summary = export_bundle(name, out, zip=zip, large_file_mb=large_file_mb, model=model)
+        except (FileNotFoundError, ValueError) as err:  # a wrong name, missing weights, metadata off the schema
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
         print(f"{name}: exported to {summary['path']} ({len(summary['modules'])} vendored modules, "
               f"metadata verified)" + (f"; archive {summary['zip']}" if summary["zip"] else ""))
         for path in summary["large_files"]:

@@ -62,6 +62,9 @@ def test_model_zoo_layout(exported, name):
     assert "## Exported bundle" in readme and "configs/inference.json" in readme
     with zipfile.ZipFile(f"{folder}.zip") as zf:
         names = set(zf.namelist())
+    # the archive holds the bundle folder itself, file for file
+    files = {f"{name}/{p.relative_to(folder).as_posix()}" for p in folder.rglob("*") if p.is_file()}
+    assert names == {f for f in files if "__pycache__" not in f}
     assert {f"{name}/configs/metadata.json", f"{name}/models/model.pt", f"{name}/scripts/due_ext/__init__.py"} <= names
 
 
@@ -159,10 +162,21 @@ def test_unknown_bundle_is_refused(tmp_path):
         export_bundle("segmenter", tmp_path / "x")
 
 
-def test_missing_weights_fail_before_anything_is_written(tmp_path):
+def test_missing_weights_fail_before_anything_is_written(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="no weights to export"):
         export_bundle("due", tmp_path / "x", model=tmp_path / "absent.pt")
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bundle", "export", "due", "--out", str(tmp_path / "x"), "--model", str(tmp_path / "absent.pt")])
+    assert exit_info.value.code == 1 and "no weights to export" in capsys.readouterr().err
+
+
+def test_optional_onnx_packages_only_where_onnx_export_applies(exported):
+    optional = {
+        n: json.loads((exported[n] / "configs/metadata.json").read_text())["optional_packages_version"] for n in BUNDLES
+    }
+    assert optional["due"]["onnxruntime"] == metadata.version("onnxruntime")
+    assert "onnx" not in optional["interpolator"] and "onnx" not in optional["uncertainty"]
 
 
 def test_rewrite_makes_imports_relative_and_renames_the_op_namespace():

@@ -34,7 +34,8 @@ OFFICIAL_SCHEMA_MD5 = "662135097106b71067cd1fc657f8720f"
 
 #: packages the exported configs use without the vendored code importing them
 CONFIG_PACKAGES = {"interpolator": ("einops",)}
-OPTIONAL_PACKAGES = ("tensorboard", "onnx", "onnxruntime")
+#: optional packages per bundle beyond its repository metadata: ONNX export and runtime of the DUE classifier
+OPTIONAL_PACKAGES = {"due": ("onnx", "onnxruntime")}
 
 
 def distribution_version(name: str) -> str:
@@ -69,7 +70,7 @@ def export_metadata(source: dict[str, Any], spec: ExportSpec, vendored: Iterable
     required.update({name: distribution_version(name) for name in CONFIG_PACKAGES.get(spec.name, ())})
     meta["required_packages_version"] = dict(sorted(required.items(), key=lambda item: item[0].lower()))
     optional = {}
-    for name in (*meta.get("optional_packages_version", {}), *OPTIONAL_PACKAGES):
+    for name in (*meta.get("optional_packages_version", {}), *OPTIONAL_PACKAGES.get(spec.name, ())):
         try:
             optional[name] = distribution_version(name)
         except importlib_metadata.PackageNotFoundError:
