@@ -148,6 +148,54 @@ def test_exported_bundles_derive_train_and_infer_without_due_ext(clean_python, w
         assert 0.0 <= cam.min() and cam.max() <= 1.0 + 1e-6
 
 
+def test_upstream_bundles_train_one_tiny_epoch_without_due_ext(clean_python, workspace):
+    datalist = str(workspace / "data" / "datalist.json")
+    commands = {
+        "interpolator": ["--max_epochs", "1", "--samples_per_epoch", "32", "--val_samples", "16", "--batch_size", "16"],
+        # its targets come from the interpolator shipped in its models/ (2 repeats of 2 DDIM steps here)
+        "uncertainty": [
+            "--max_epochs",
+            "1",
+            "--every_k",
+            "[2]",
+            "--target_sampler#repeats",
+            "2",
+            "--target_sampler#steps",
+            "2",
+            "--batch_size",
+            "8",
+        ],
+    }
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DUE_EXT_BACKEND")}
+    env["OMP_NUM_THREADS"] = "1"
+    procs = {  # the two are independent: run them side by side (2 cores)
+        name: subprocess.Popen(
+            [
+                clean_python,
+                "-m",
+                "monai.bundle",
+                "run",
+                "--config_file",
+                "configs/train.json",
+                "--datalist",
+                datalist,
+                *args,
+            ],
+            cwd=workspace / name,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name, args in commands.items()
+    }
+    for name, proc in procs.items():
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{name} training failed:\n{output[-3000:]}"
+        assert "training finished" in output
+    assert (workspace / "uncertainty" / "logs" / "targets").is_dir()  # targets sampled with the shipped interpolator
+
+
 def test_torchscript_and_onnx_exports_match_pytorch(clean_python, workspace):
     import onnxruntime
     from monai.bundle import ConfigParser
