@@ -107,6 +107,12 @@ class DueBundleInferenceOperator(MonaiBundleInferenceOperator):
             self._eager_network = load_network_weights(network, self.bundle_path / "models" / "model.pt").eval()
         return self._eager_network
 
+    def _target_layer(self) -> str:
+        """The Grad-CAM layer of the bundle's own inference evaluator (``ExplanationEvaluator`` default: layer4)."""
+        if self.parser.get("evaluator#target_layer") is not None:
+            return str(self.parser.get_parsed_content("evaluator#target_layer"))
+        return "layer4"
+
     def _init_config(self, config_names: list[str]) -> None:
         super()._init_config(config_names)
         # the bundle's metadata describes the network (pred); the Grad-CAM is this application's second output
@@ -116,7 +122,10 @@ class DueBundleInferenceOperator(MonaiBundleInferenceOperator):
         from scripts.due_ext.explain.cam import normalized_cam  # the bundle's scripts/ is on sys.path now
         from scripts.due_ext.explain.gradcam import gradcam_features
 
-        found = gradcam_features(self._network(), data.float(), class_index=None)
+        # the SDK runs compute() under no_grad; a target layer other than the last before the GAP + linear head
+        # needs autograd for dScore/dA, as in the bundle's own evaluator
+        with torch.enable_grad():
+            found = gradcam_features(self._network(), data.float(), class_index=None, target_layer=self._target_layer())
         cam = normalized_cam(found.features.detach(), found.alpha.detach(), data.shape[2:])
         probabilities = torch.softmax(found.logits.detach().float(), dim=1)
         # a one-element list: the base class keeps only element 0 of a tuple/list and iterates a dict's keys
