@@ -17,7 +17,7 @@ from export_helpers import REPO, random_due_weights
 
 from due_ext.cli import main
 from due_ext.export import export_bundle, verify_bundle_metadata
-from due_ext.export.metadata import STORED_SCHEMA
+from due_ext.export.metadata import DRAFT_SCHEMA, STORED_SCHEMA, reconstruct_release_schema
 from due_ext.export.vendor import _rewrite_source
 
 BUNDLES = ("due", "interpolator", "uncertainty")
@@ -117,8 +117,17 @@ def test_interpolator_metadata_carries_the_einops_requirement(exported):
     assert meta["required_packages_version"]["einops"] == metadata.version("einops")
 
 
-def test_stored_schema_is_the_documented_file():
-    assert hashlib.md5(STORED_SCHEMA.read_bytes()).hexdigest() == "b11acc946148c0186924f8234562b947"
+def test_stored_schemas_are_the_documented_files():
+    assert hashlib.md5(DRAFT_SCHEMA.read_bytes()).hexdigest() == "b11acc946148c0186924f8234562b947"
+    stored = json.loads(STORED_SCHEMA.read_text())
+    assert stored == reconstruct_release_schema(json.loads(DRAFT_SCHEMA.read_text()))
+    draft = json.loads(DRAFT_SCHEMA.read_text())
+    assert set(draft["required"]) - set(stored["required"]) == {
+        "authorship",
+        "dataset_dir",
+        "optional_packages_version",
+    }
+    assert set(stored["required"]) - set(draft["required"]) == {"authors"}
 
 
 @pytest.mark.parametrize(
@@ -128,6 +137,8 @@ def test_stored_schema_is_the_documented_file():
         (lambda m: m.update(version=1), "type"),
         (lambda m: m["network_data_format"]["inputs"]["image"].update(num_channels="one"), "type"),
         (lambda m: m.pop("copyright"), "required"),
+        (lambda m: m.pop("authors"), "required"),
+        (lambda m: m["network_data_format"]["inputs"]["image"].update(value_range=["0", "1"]), "type"),
     ],
 )
 def test_broken_metadata_fails_validation(exported, tmp_path, edit, rule):
@@ -171,12 +182,17 @@ def test_missing_weights_fail_before_anything_is_written(tmp_path, capsys):
     assert exit_info.value.code == 1 and "no weights to export" in capsys.readouterr().err
 
 
-def test_optional_onnx_packages_only_where_onnx_export_applies(exported):
-    optional = {
-        n: json.loads((exported[n] / "configs/metadata.json").read_text())["optional_packages_version"] for n in BUNDLES
-    }
-    assert optional["due"]["onnxruntime"] == metadata.version("onnxruntime")
-    assert "onnx" not in optional["interpolator"] and "onnx" not in optional["uncertainty"]
+def test_metadata_survives_monai_parsing_with_its_requirements(exported):
+    # MONAI renames optional_packages_version onto required_packages_version when it parses metadata
+    from monai.bundle import ConfigParser
+
+    meta_file = exported["due"] / "configs/metadata.json"
+    assert "optional_packages_version" not in json.loads(meta_file.read_text())
+    parser = ConfigParser()
+    parser.read_meta(str(meta_file))
+    required = parser["_meta_"]["required_packages_version"]
+    assert required["pytorch-ignite"] == metadata.version("pytorch-ignite")
+    assert required["tensorboard"] == metadata.version("tensorboard")  # the train configs' TensorBoard handlers
 
 
 def test_rewrite_makes_imports_relative_and_renames_the_op_namespace():

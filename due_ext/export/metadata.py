@@ -2,18 +2,23 @@
 
 The model zoo validates metadata against ``meta_schema_20220324.json``, a release asset of
 Project-MONAI/MONAI-extra-test-data (0.8.1) whose MD5 MONAI's own tests pin (:data:`OFFICIAL_SCHEMA_MD5`).
-Release assets are not in any git history we can read, and tests must run offline, so the repository stores
-the closest public text instead: ``schemas/meta_schema_monai_9be9daa.json``, MONAI's copy of the same schema
-from the week it was written (MONAI commit 9be9daa, ``tests/testing_data/schema.json``, Apache-2.0; see
-``schemas/README.md``). It is stricter than the released file in two field names (``authorship``,
-``dataset_dir``), so exported metadata carries both spellings and passes either. Where the network is
-reachable, :func:`verify_bundle_metadata` with ``official=True`` downloads the released file, checks its MD5
-and validates against it.
+Release assets are in no git history we could read, and tests run offline, so ``schemas/`` holds instead
+(details in ``schemas/README.md``):
+
+- ``meta_schema_monai_9be9daa.json``: MONAI's own copy of that schema from the week it was written, verbatim
+  (MONAI commit 9be9daa, ``tests/testing_data/schema.json``, Apache-2.0): a draft of the released file;
+- ``meta_schema_20220324_reconstructed.json``: that draft with the changes MONAI's CI proves the released file
+  made, written by :func:`reconstruct_release_schema` (a test keeps the file equal to its output). This is what
+  :func:`verify_bundle_metadata` uses by default.
+
+Where the network is reachable, ``verify_bundle_metadata(..., official=True)`` downloads the released file,
+checks its MD5 and validates against it.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 from collections.abc import Iterable
@@ -25,8 +30,10 @@ from due_ext.export.specs import ExportSpec
 from due_ext.export.vendor import third_party_requirements
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
-#: the stored schema (see the module docstring)
-STORED_SCHEMA = SCHEMA_DIR / "meta_schema_monai_9be9daa.json"
+#: MONAI's draft of the released schema, verbatim (see the module docstring)
+DRAFT_SCHEMA = SCHEMA_DIR / "meta_schema_monai_9be9daa.json"
+#: the draft with the released file's known changes: the default schema of :func:`verify_bundle_metadata`
+STORED_SCHEMA = SCHEMA_DIR / "meta_schema_20220324_reconstructed.json"
 OFFICIAL_SCHEMA_URL = (
     "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json"
 )
@@ -34,8 +41,42 @@ OFFICIAL_SCHEMA_MD5 = "662135097106b71067cd1fc657f8720f"
 
 #: packages the exported configs use without the vendored code importing them
 CONFIG_PACKAGES = {"interpolator": ("einops",)}
-#: optional packages per bundle beyond its repository metadata: ONNX export and runtime of the DUE classifier
-OPTIONAL_PACKAGES = {"due": ("onnx", "onnxruntime")}
+
+#: Draft fields the released schema does not require: MONAI's tests/testing_data/metadata.json has none of them
+#: and MONAI's CI validates it against the released file (tests/bundle/test_bundle_verify_metadata.py)
+NOT_REQUIRED_IN_RELEASE = ("authorship", "dataset_dir", "optional_packages_version")
+#: Fields that metadata has, and the model zoo uses, in place of the draft's: ``authors`` replaced
+#: ``authorship``; ``required_packages_version`` is what MONAI now reads (``optional_packages_version`` is a
+#: deprecated alias of it, see :func:`export_metadata`)
+RELEASE_PROPERTIES = {
+    "authors": {"description": "state author(s) of the model package.", "type": "string"},
+    "required_packages_version": {
+        "description": "dictionary relating required package names to their versions.",
+        "type": "object",
+    },
+}
+
+
+def reconstruct_release_schema(draft: dict[str, Any]) -> dict[str, Any]:
+    """The draft schema changed as far as the evidence goes (see :data:`NOT_REQUIRED_IN_RELEASE`,
+    :data:`RELEASE_PROPERTIES`): the strictest schema that the metadata MONAI validates against the released
+    file also passes. ``authors`` is required in place of ``authorship``."""
+    schema = copy.deepcopy(draft)
+    schema["description"] = (
+        "Reconstruction of meta_schema_20220324.json (MONAI bundle metadata), not the released file: MONAI's "
+        "draft (commit 9be9daa) with the released file's known changes. See due_ext/export/schemas/README.md."
+    )
+    schema["properties"].update(copy.deepcopy(RELEASE_PROPERTIES))
+    required = [name for name in schema["required"] if name not in NOT_REQUIRED_IN_RELEASE]
+    schema["required"] = [*required[: required.index("copyright")], "authors", *required[required.index("copyright") :]]
+    return schema
+
+
+def write_reconstructed_schema(path: str | os.PathLike = STORED_SCHEMA) -> Path:
+    """Write :func:`reconstruct_release_schema` of the stored draft to ``path`` (how the stored file was made)."""
+    schema = reconstruct_release_schema(json.loads(DRAFT_SCHEMA.read_text()))
+    Path(path).write_text(json.dumps(schema, indent=4) + "\n")
+    return Path(path)
 
 
 def distribution_version(name: str) -> str:
@@ -68,17 +109,12 @@ def export_metadata(source: dict[str, Any], spec: ExportSpec, vendored: Iterable
     }  # the vendored scripts/due_ext replaces the package
     required.update(third_party_requirements(vendored))
     required.update({name: distribution_version(name) for name in CONFIG_PACKAGES.get(spec.name, ())})
+    # MONAI (1.5) reads `optional_packages_version` as a deprecated name of `required_packages_version` and
+    # replaces the latter with it when parsing metadata, so an exported bundle lists everything it uses in
+    # `required_packages_version` (the train configs' TensorBoard handlers need tensorboard)
+    for name in meta.pop("optional_packages_version", {}):
+        required[name] = distribution_version(name)
     meta["required_packages_version"] = dict(sorted(required.items(), key=lambda item: item[0].lower()))
-    optional = {}
-    for name in (*meta.get("optional_packages_version", {}), *OPTIONAL_PACKAGES.get(spec.name, ())):
-        try:
-            optional[name] = distribution_version(name)
-        except importlib_metadata.PackageNotFoundError:
-            continue
-    meta["optional_packages_version"] = optional
-    # field names of the stored 2022 schema, kept beside the model zoo's
-    meta["authorship"] = meta.get("authors", "")
-    meta.setdefault("dataset_dir", "~/.cache/due_ext/datasets (built on first use; override --datalist)")
     fmt = meta["network_data_format"]
     for section in ("inputs", "outputs"):
         fmt[section] = _rename_io(fmt[section], spec.io_names.get(section, {}))

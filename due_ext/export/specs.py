@@ -76,7 +76,7 @@ python -m monai.bundle run --config_file configs/train.json --datalist /data/der
 python -m monai.bundle run --config_file configs/train.json --method baseline_plus --datalist /data/datalist.json
 # evaluate the best model on the test split
 python -m monai.bundle run --config_file "['configs/train.json','configs/evaluate.json']" --datalist /data/datalist.json
-# TorchScript and ONNX
+# TorchScript and ONNX (pip install onnx onnxruntime for the ONNX export and its check)
 python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file models/model.pt \\
     --meta_file configs/metadata.json --config_file configs/inference.json
 python -m monai.bundle onnx_export network_def --filepath models/model.onnx --ckpt_file models/model.pt \\
