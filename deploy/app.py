@@ -87,8 +87,8 @@ class DueBundleInferenceOperator(MonaiBundleInferenceOperator):
 
     Two things differ from the base class, and why:
 
-    - ``predict``: the network returns logits; the Grad-CAM needs the ``layer4`` features of the same forward
-      pass, so prediction is one call of ``gradcam_features`` (the base runs ``inferer(network)`` only).
+    - ``predict``: the network returns logits; the Grad-CAM needs the target layer's features (the layer the
+      bundle's evaluator explains) from the same forward pass, so prediction is one call of ``gradcam_features`` (the base runs ``inferer(network)`` only).
     - ``_send_output``: the base turns a ``probabilities`` output into names with ``channel_def[int(p)]``,
       which names every soft probability "no lesion"; and an ``image`` output into uint8, which would
       destroy a [0, 1] map. We emit the probabilities and the float32 map as they are.
@@ -97,7 +97,7 @@ class DueBundleInferenceOperator(MonaiBundleInferenceOperator):
     _eager_network: torch.nn.Module | None = None
 
     def _network(self) -> torch.nn.Module:
-        """The bundle's ``network`` with ``models/model.pt``, built once. Grad-CAM hooks its ``layer4``, so it
+        """The bundle's ``network`` with ``models/model.pt``, built once. Grad-CAM hooks its target layer, so it
         must be the eager module: the SDK hands ``predict`` its generic ``Model`` wrapper of the ``-m`` path, or
         a TorchScript module when ``models/model.ts`` exists."""
         if self._eager_network is None:
