@@ -88,7 +88,8 @@ class DueBundleInferenceOperator(MonaiBundleInferenceOperator):
     Two things differ from the base class, and why:
 
     - ``predict``: the network returns logits; the Grad-CAM needs the target layer's features (the layer the
-      bundle's evaluator explains) from the same forward pass, so prediction is one call of ``gradcam_features`` (the base runs ``inferer(network)`` only).
+      bundle's evaluator explains) from the same forward pass, so prediction is one call of
+      ``gradcam_features`` (the base runs ``inferer(network)`` only).
     - ``_send_output``: the base turns a ``probabilities`` output into names with ``channel_def[int(p)]``,
       which names every soft probability "no lesion"; and an ``image`` output into uint8, which would
       destroy a [0, 1] map. We emit the probabilities and the float32 map as they are.
