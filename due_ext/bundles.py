@@ -38,10 +38,11 @@ def demo_datalist(name: str = "lung-ct", seed: int = 0, size: str | None = None,
     The dataset lives in ``<cache>/datasets/<name>-<hash of the parameters>`` (``root`` overrides the
     folder), so different parameters never overwrite each other and a finished build is reused.
     """
-    from due_ext.data.builders import build_dataset
+    from due_ext.data.builders import build_dataset, builder_module
     from due_ext.data.cache import cache_dir
 
-    params = {"name": name, "seed": seed, "size": size, "n_pos": n_pos, "n_neg": n_neg, "every_k": every_k}
+    params = {"name": name, "seed": seed, "size": size, "n_pos": n_pos, "n_neg": n_neg, "every_k": every_k,
+              "version": builder_module(name).DATASET_VERSION}
     if root is None:
         digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
         folder = cache_dir() / "datasets" / f"{name}-{digest}"

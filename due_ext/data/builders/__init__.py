@@ -12,11 +12,25 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from types import ModuleType
 
 from due_ext.data.axes import parse_size
 from due_ext.data.builders.output import BuildSummary
 
 BUILDERS = ("phantom", "lung-ct")
+
+
+def builder_module(name: str) -> ModuleType:
+    """The module of builder ``name`` (it defines ``DEFAULT_*`` and ``DATASET_VERSION``)."""
+    if name == "phantom":
+        from due_ext.data.builders import phantom
+
+        return phantom
+    if name in ("lung-ct", "lung_ct"):
+        from due_ext.data.builders import lung_ct
+
+        return lung_ct
+    raise ValueError(f"unknown dataset {name!r}; choices: {', '.join(BUILDERS)}")
 
 
 def build_dataset(name: str, out: str | os.PathLike, n_pos: int | None = None, n_neg: int | None = None,
@@ -36,16 +50,8 @@ def build_dataset(name: str, out: str | os.PathLike, n_pos: int | None = None, n
     Returns:
         A :class:`~due_ext.data.builders.output.BuildSummary`; ``str()`` of it is a readable description.
     """
-    if name == "phantom":
-        from due_ext.data.builders import phantom as module
-
-        builder = module.build_phantom
-    elif name in ("lung-ct", "lung_ct"):
-        from due_ext.data.builders import lung_ct as module
-
-        builder = module.build_lung_ct
-    else:
-        raise ValueError(f"unknown dataset {name!r}; choices: {', '.join(BUILDERS)}")
+    module = builder_module(name)
+    builder = module.build_phantom if name == "phantom" else module.build_lung_ct
     for label, value in (("n_pos", n_pos), ("n_neg", n_neg), ("every_k", every_k)):
         if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
             raise ValueError(f"{label} must be a positive integer, got {value!r}")
@@ -66,4 +72,4 @@ def build_dataset(name: str, out: str | os.PathLike, n_pos: int | None = None, n
     return summary
 
 
-__all__ = ["BUILDERS", "BuildSummary", "build_dataset"]
+__all__ = ["BUILDERS", "BuildSummary", "build_dataset", "builder_module"]

@@ -36,6 +36,8 @@ from due_ext.data.builders.output import BuildSummary, StagedDataset, count_item
 from due_ext.data.builders.splits import split_counts
 from due_ext.data.datalist import SECTIONS
 
+#: Bump when the items a build produces change, so cached demo datasets are rebuilt.
+DATASET_VERSION = 1
 DEFAULT_SIZE = (32, 32, 16)
 DEFAULT_N_POS = 8
 DEFAULT_N_NEG = 8
