@@ -145,6 +145,60 @@ class BundleCommands:
             print(f"large file listed in large_files.yml: {path}")
 
 
+class ExperimentCommands:
+    """Run experiment grids (methods x seeds x training-set sizes x lambda) and report them like the paper."""
+
+    def run(self, config: str, out: str, workers: int = 1, threads: int = 1, timeout: float | None = None) -> None:
+        """Train and evaluate every unfinished cell of the experiment CONFIG into OUT (resumable: a cell with a
+        result row is skipped, any other is run again from scratch).
+
+        Args:
+            config: experiment file, YAML or JSON (see experiments/README.md for the format).
+            out: output folder (rows in OUT/cells/*/result.json and OUT/results.jsonl).
+            workers: cells run at the same time, each in its own process.
+            threads: torch/OpenMP threads per cell (1 when the cores are shared).
+            timeout: seconds after which a cell is stopped and counted as failed (default: no limit).
+        """
+        from due_ext.experiments import ExperimentConfigError, run_experiment
+
+        try:
+            summary = run_experiment(config, out, workers=workers, threads=threads, timeout=timeout)
+        except ExperimentConfigError as err:  # the message names the file and the key
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        print(f"{out}: {len(summary['finished'])} cells run, {len(summary['skipped'])} already finished, "
+              f"{len(summary['failed'])} failed of {summary['planned']} ({summary['wall_time_s']:.0f} s)")
+        for cell in summary["failed"]:
+            print(f"failed: {cell} (log: {out}/cells/{cell}/log.txt); run the same command again to retry",
+                  file=sys.stderr)
+        if summary["failed"]:
+            sys.exit(1)
+
+    def table(self, out: str) -> None:
+        """Print the Table-1-style markdown table of the experiment folder OUT (mean +- std over seeds, x100).
+
+        Args:
+            out: the folder `experiment run` wrote.
+        """
+        from due_ext.experiments import experiment_table
+
+        print(experiment_table(out))
+
+    def figures(self, out: str, figures_dir: str | None = None) -> None:
+        """Write the paper-style figures of the experiment folder OUT: metric vs training-set size (Fig. 3),
+        Grad-CAM per method on the same test cases (Fig. 4), IoU/F1 vs threshold (Fig. 5), metric vs lambda
+        (Fig. 6); each only when the results have what it shows.
+
+        Args:
+            out: the folder `experiment run` wrote.
+            figures_dir: where the PNGs go (default OUT/figures).
+        """
+        from due_ext.experiments.figures import write_figures
+
+        for path in write_figures(out, figures_dir):
+            print(path)
+
+
 class DueCLI:
     """DUE: dynamic uncertainty-aware explanation supervision for 3D medical images.
 
@@ -156,14 +210,15 @@ class DueCLI:
         self.interp = InterpCommands()
         self.uncertainty = UncertaintyCommands()
         self.bundle = BundleCommands()
+        self.experiment = ExperimentCommands()
 
     def demo(self, method: str = "due") -> None:
         """Run the main job on the embedded default data (what `make demo` runs).
 
         Trains the DUE bundle (bundles/due/train.json) on the lung-CT demo set, which is built into the
         cache on first use (the pyradiomics 3.0.1 sources are downloaded once) and completed with the
-        shipped interpolator and uncertainty models; then evaluates the best model on the test split and
-        prints where the metrics and figures are.
+        shipped interpolator and uncertainty models; the training ends by evaluating the best model on the
+        test split; prints the headline metrics and where the metrics and figures are.
 
         Args:
             method: explanation-supervision method (due, baseline, baseline_plus, gradia, haics, res_g, rrr, exbl).
@@ -176,9 +231,7 @@ class DueCLI:
         from due_ext.bundles import bundle_root
 
         root = Path(bundle_root("due"))
-        train = str(root / "train.json")
-        run(config_file=train, method=method)
-        run(config_file=[train, str(root / "evaluate.json")], method=method)
+        run(config_file=str(root / "train.json"), method=method)  # ends with the test-split evaluation
         test_dir = root / "eval" / method / "test"
         metrics = json.loads((test_dir / "metrics.json").read_text())
         prediction, explanation = metrics["prediction"], metrics.get("explanation", {})

@@ -1,0 +1,80 @@
+"""The data of an experiment: one base datalist (prepared once for every method) and per-(size, seed) training
+subsets written beside the results.
+
+Why prepare once: ``due`` needs ``interpolation``/``weights``, which :func:`due_ext.bundles.prepared_datalist`
+derives with the diffusion interpolator and caches next to the datalist it is given. Deriving on the full
+datalist and cutting subsets from the derived one means every subset already carries the keys (with absolute
+paths), so the bundle uses it as is and nothing is recomputed per cell.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from due_ext.data.schema import VOLUME_KEYS
+
+#: Sections copied unchanged into every subset (the training section is the one that is cut).
+KEPT_SECTIONS = ("validation", "test")
+
+
+def base_datalist(dataset: dict[str, Any] | None = None, datalist: str | None = None,
+                  methods: list[str] | tuple[str, ...] = ()) -> str:
+    """The datalist every cell's subset is cut from: ``datalist`` or the demo dataset ``dataset`` describes,
+    prepared for every method in ``methods`` (DUE's derived keys added once when one of them needs them)."""
+    from due_ext.bundles import METHOD_KEYS, demo_datalist, prepared_datalist
+
+    path = datalist if datalist is not None else demo_datalist(**(dataset or {}))
+    for method in methods:
+        if METHOD_KEYS.get(method):
+            return prepared_datalist(path, method)
+    return path
+
+
+def _absolute(item: dict[str, Any], root: Path) -> dict[str, Any]:
+    out = dict(item)
+    for key in VOLUME_KEYS:
+        if isinstance(out.get(key), str) and not Path(out[key]).is_absolute():
+            out[key] = str((root / out[key]).resolve())
+    return out
+
+
+def training_subset(items: list[dict[str, Any]], size: int | None, seed: int) -> list[dict[str, Any]]:
+    """``size/2`` positives and ``size/2`` negatives drawn with ``seed`` (all items when ``size`` is None).
+
+    Each class is shuffled once per seed and its first ``size/2`` items are taken, so for one seed the subsets
+    of different sizes are nested (50 contains 20): a sample-size curve then measures more data, not other data.
+    """
+    if size is None:
+        return list(items)
+    chosen = []
+    for label in (1, 0):
+        pool = [item for item in items if item.get("label") == label]
+        random.Random(seed).shuffle(pool)
+        if len(pool) < size // 2:
+            raise ValueError(f"training subset of {size} needs {size // 2} items with label {label}; the datalist "
+                             f"has {len(pool)} (build a bigger dataset: dataset.n_pos / dataset.n_neg)")
+        chosen += pool[:size // 2]
+    return chosen
+
+
+def write_subset(base: str, out_dir: str | Path, size: int | None, seed: int) -> str:
+    """Write the datalist of one (size, seed) into ``out_dir`` (absolute paths; reused when present)."""
+    out = Path(out_dir) / f"train{'all' if size is None else size}-seed{seed}.json"
+    if out.is_file():
+        return str(out)
+    from due_ext.data.datalist import write_json_atomic
+
+    payload = json.loads(Path(base).read_text())
+    root = Path(base).resolve().parent
+    subset = {key: value for key, value in payload.items() if not isinstance(value, list)}
+    for section, items in payload.items():
+        if isinstance(items, list):
+            subset[section] = [_absolute(item, root) for item in items]
+    subset["training"] = training_subset(subset.get("training", []), size, seed)
+    subset["subset"] = {"base": str(Path(base).resolve()), "train_size": size, "seed": seed}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, subset)
+    return str(out)

@@ -1,0 +1,129 @@
+"""Aggregate results rows into a Table-1-style markdown table: mean +- std over seeds, in percent as the paper.
+
+Columns: ROC-AUC and PR-AUC of the test predictions; explanation IoU, precision, recall and F1 of the Grad-CAM
+binarised at 0.5 (mean over the test positives of one run, then mean and sample std over the seeds).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: (column, group in metrics.json, key) of the table, in the paper's order.
+COLUMNS = (("ROC-AUC", "prediction", "roc_auc"), ("PR-AUC", "prediction", "pr_auc"),
+           ("IoU", "explanation", "iou"), ("Precision", "explanation", "precision"),
+           ("Recall", "explanation", "recall"), ("F1", "explanation", "f1"))
+#: Display names as the paper writes them.
+METHOD_NAMES = {"baseline": "Baseline", "baseline_plus": "Baseline+", "due": "DUE", "gradia": "GRADIA",
+                "haics": "HAICS", "res_g": "RES-G", "rrr": "RRR", "exbl": "eXBL"}
+
+
+def row_metric(row: dict[str, Any], group: str, key: str) -> float:
+    """One number of a results row (``nan`` when the run has none, e.g. no explained positive)."""
+    value = row["metrics"].get(group, {}).get(key, float("nan"))
+    if isinstance(value, dict):  # explanation scores are {mean, std, n} over the test positives
+        value = value.get("mean", float("nan"))
+    return float("nan") if value is None else float(value)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for one value) ignoring nan; (nan, nan) if all nan."""
+    finite = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
+    if finite.size == 0:
+        return float("nan"), float("nan")
+    return float(finite.mean()), float(finite.std(ddof=1)) if finite.size > 1 else 0.0
+
+
+def group_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, Any, Any], list[dict[str, Any]]]:
+    """Rows by (method, train_size, lam), seeds together."""
+    groups: dict[tuple[str, Any, Any], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[(row["method"], row["train_size"], row["lam"])].append(row)
+    return groups
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (method, train_size, lam): seeds, and mean/std of every table column."""
+    order = {m: i for i, m in enumerate(METHOD_NAMES)}
+    out = []
+    for (method, size, lam), group in group_rows(rows).items():
+        entry: dict[str, Any] = {"method": method, "train_size": size, "lam": lam,
+                                 "seeds": sorted(r["seed"] for r in group)}
+        for column, section, key in COLUMNS:
+            entry[column] = mean_std([row_metric(r, section, key) for r in group])
+        out.append(entry)
+    return sorted(out, key=lambda e: (order.get(e["method"], 99), e["train_size"] or 0, e["lam"] or 0))
+
+
+def _cell(mean: float, std: float) -> str:
+    return "n/a" if math.isnan(mean) else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def markdown_table(rows: list[dict[str, Any]], planned: dict[tuple[str, Any, Any], int] | None = None) -> str:
+    """The markdown table of ``rows``; ``planned`` (seeds planned per group) marks groups with missing seeds
+    and lists groups with no finished run at all."""
+    entries = summarize(rows)
+    sizes = {e["train_size"] for e in entries} | {k[1] for k in (planned or {})}
+    lams = {e["lam"] for e in entries} | {k[2] for k in (planned or {}) if k[2] is not None}
+    lead = ["Method"] + (["n train"] if len(sizes) > 1 else []) + (["λ"] if len(lams) > 1 else []) + ["seeds"]
+    lines = ["| " + " | ".join(lead + [c[0] for c in COLUMNS]) + " |",
+             "|" + "---|" * (len(lead) + len(COLUMNS))]
+    for e in entries:
+        seeds = str(len(e["seeds"]))
+        want = (planned or {}).get((e["method"], e["train_size"], e["lam"]))
+        if want is not None and want > len(e["seeds"]):
+            seeds += f" of {want} (incomplete)"
+        cells = [METHOD_NAMES.get(e["method"], e["method"])]
+        cells += [str(e["train_size"])] if len(sizes) > 1 else []
+        cells += [f"{e['lam']:g}" if e["lam"] is not None else "default"] if len(lams) > 1 else []
+        cells += [seeds] + [_cell(*e[c[0]]) for c in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    done = {(e["method"], e["train_size"], e["lam"]) for e in entries}
+    for method, size, lam in sorted((k for k in (planned or {}) if k not in done and not _lam_default(k, done)),
+                                    key=str):
+        lines.append(f"| {METHOD_NAMES.get(method, method)} (not run yet: n={size}, λ={lam}) |"
+                     + " |" * (len(lead) + len(COLUMNS) - 1))
+    return "\n".join(lines)
+
+
+def _lam_default(key: tuple[str, Any, Any], done: set[tuple[str, Any, Any]]) -> bool:
+    """A planned group with the bundle's default λ (None) is matched by a finished row with any λ."""
+    return key[2] is None and any(d[:2] == key[:2] for d in done)
+
+
+def planned_groups(out: str | Path) -> dict[tuple[str, Any, Any], int] | None:
+    """Seeds planned per (method, train_size, lam) from ``out/experiment.json`` (None if absent)."""
+    import json
+
+    from due_ext.experiments.runner import EXPERIMENT_FILE
+
+    path = Path(out) / EXPERIMENT_FILE
+    if not path.is_file():
+        return None
+    grids = json.loads(path.read_text())["experiment"]["grid"]
+    planned: dict[tuple[str, Any, Any], set[int]] = defaultdict(set)
+    for grid in grids if isinstance(grids, list) else [grids]:
+        for m in grid["method"]:
+            for n in grid["train_size"]:
+                for lam in grid["lam"]:
+                    planned[(m, n, lam)] |= set(grid["seed"])
+    return {key: len(seeds) for key, seeds in planned.items()}
+
+
+def experiment_table(out: str | Path) -> str:
+    """The markdown table of the experiment folder ``out`` (missing seeds and cells marked)."""
+    from due_ext.experiments.runner import read_rows
+
+    rows = read_rows(out)
+    planned = planned_groups(out)
+    if planned is not None:
+        # the bundle-default λ (None in the grid) is recorded in each row as the value it resolved to
+        resolved = {(r["method"], r["train_size"]): r["lam"] for r in rows}
+        planned = {(m, n, resolved.get((m, n), lam) if lam is None else lam): k for (m, n, lam), k in planned.items()}
+    if not rows:
+        return f"{out}: no finished cell yet"
+    return markdown_table(rows, planned)
