@@ -32,22 +32,29 @@ def trained(tmp_path_factory):
     return tmp, root
 
 
-def test_train_writes_best_model_and_checkpoint(trained):
-    _, root = trained
-    assert (root / "models" / "model.pt").is_file()
-    assert (root / "eval" / "baseline_plus" / "checkpoints" / "checkpoint_epoch=1.pt").is_file()
-
-
-def test_evaluate_writes_metrics_and_figures(trained):
-    tmp, root = trained
-    configs = json.dumps([str(BUNDLE / "train.json"), str(BUNDLE / "evaluate.json")])
-    _bundle(["run", "--config_file", configs, "--bundle_root", str(root), *TINY], tmp)
-    test_dir = root / "eval" / "baseline_plus" / "test"
+def _assert_test_report(test_dir: Path) -> None:
     metrics = json.loads((test_dir / "metrics.json").read_text())
     assert {"roc_auc", "pr_auc", "accuracy"} <= set(metrics["prediction"])
     assert metrics["n_positives"] > 0 and "iou" in metrics["explanation"]
     for figure in ("gradcam_overlays.png", "explanation_vs_threshold.png", "metrics.csv"):
         assert (test_dir / figure).is_file()
+
+
+def test_train_writes_best_model_checkpoint_and_test_report(trained):
+    _, root = trained
+    assert (root / "models" / "model.pt").is_file()
+    assert (root / "eval" / "baseline_plus" / "checkpoints" / "checkpoint_epoch=1.pt").is_file()
+    _assert_test_report(root / "eval" / "baseline_plus" / "test")
+
+
+def test_evaluate_writes_metrics_and_figures(trained):
+    tmp, root = trained
+    test_dir = root / "eval" / "baseline_plus" / "test"
+    shutil.rmtree(test_dir)
+    configs = json.dumps([str(BUNDLE / "train.json"), str(BUNDLE / "evaluate.json")])
+    run = _bundle(["run", "--config_file", configs, "--bundle_root", str(root), *TINY], tmp)
+    assert "ExplanationTrainer - INFO" not in run.stdout + run.stderr  # evaluation only: no training
+    _assert_test_report(test_dir)
 
 
 def test_inference_writes_probabilities_and_gradcam(trained):
@@ -91,6 +98,7 @@ def test_two_process_training_on_cpu(tmp_path):
 
     state = torch.load(root / "eval" / "baseline_plus" / "checkpoints" / "checkpoint_epoch=1.pt", weights_only=True)
     assert not any(key.startswith("module.") for key in state["network"])  # resumable without DDP too
+    _assert_test_report(root / "eval" / "baseline_plus" / "test")  # the same report as one process writes
 
 
 def test_due_method_derives_interpolation_and_weights_then_trains(tmp_path):
