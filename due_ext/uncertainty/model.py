@@ -248,11 +248,13 @@ class NeuralProcessUncertainty(nn.Module):
                          gaps: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """Deterministic variance ``(B, G, H, W)`` in ``[0, 0.25]`` (0 at padded targets), in eval mode."""
         was_training = self.training
-        self.eval()
+        if was_training:  # train()/eval() walk every submodule: skip them when already in eval mode
+            self.eval()
         try:
             out = self(lower, upper, gaps)
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
         _, valid, _ = target_positions(torch.as_tensor(gaps).reshape(-1).cpu())
         variance = (torch.exp(out.log_var) - self.eps).clamp(0.0, 0.25)
         return variance * valid.to(variance.device)[..., None, None]
