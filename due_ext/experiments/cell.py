@@ -1,7 +1,8 @@
 """One grid cell in its own process: ``python -m due_ext.experiments.cell SPEC.json``.
 
-Trains with the DUE bundle's ``train.json``, evaluates the best model with ``train.json + evaluate.json`` on the
-test split (and on each extra section), then writes ``result.json`` (the results row) atomically. A cell runs in
+Trains with the DUE bundle's ``train.json`` (which ends by evaluating the best model on the test split; a bundle
+without that ``test`` section is evaluated with ``train.json + evaluate.json`` instead), evaluates each extra
+section with ``train.json + evaluate.json``, then writes ``result.json`` (the results row) atomically. A cell runs in
 a subprocess so that a crash loses that cell only and its memory goes back to the system; the row is written
 last, so a cell without ``result.json`` is unfinished and the runner runs it again.
 """
@@ -62,10 +63,14 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("lam") is not None:
         overrides["lam"] = spec["lam"]
     train, evaluate = str(bundle / "train.json"), str(bundle / "evaluate.json")
+    # since 346170f train.json evaluates the test split itself (its "test" evaluator); older bundles evaluated
+    # through evaluate.json's "validate" overrides
+    evaluator = "test" if "test" in json.loads(Path(train).read_text()) else "validate"
     start = time.perf_counter()
     resolved = _run([train], overrides)
     trained = time.perf_counter()
-    _run([train, evaluate], overrides)
+    if evaluator == "validate":
+        _run([train, evaluate], overrides)
     evaluated = time.perf_counter()
     metrics = json.loads((run_dir / "test" / "metrics.json").read_text())
     extra: dict[str, Any] = {}
@@ -73,8 +78,8 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         # the same evaluation on another section of the datalist (e.g. the two real tumours); a failure here is
         # recorded, not fatal: the test metrics are the cell's result
         section_overrides = {**overrides, "evaluation_dir": str(run_dir / section),
-                             "validate#datalist": "$monai.data.load_decathlon_datalist(@datalist, True, "
-                                                  f"'{section}', @dataset_dir)"}
+                             f"{evaluator}#datalist": "$monai.data.load_decathlon_datalist(@datalist, True, "
+                                                      f"'{section}', @dataset_dir)"}
         try:
             _run([train, evaluate], section_overrides)
             extra[section] = json.loads((run_dir / section / "metrics.json").read_text())
