@@ -123,3 +123,12 @@ def test_prepared_datalist_names_missing_keys_without_derivation(tmp_path):
     assert prepared_datalist(str(datalist), "baseline_plus") == str(datalist)
     with pytest.raises(ValueError, match=r"\['interpolation', 'weights'\]"):
         prepared_datalist(str(datalist), "due", derive=False)
+
+
+def test_exbl_is_one_override_away(tmp_path):
+    """eXBL needs its exemplar selector on the trainer: the config attaches it for --method exbl."""
+    root = tmp_path / "bundle"
+    root.mkdir()
+    args = [a if a != "baseline_plus" else "exbl" for a in TINY]
+    _bundle(["run", "--config_file", str(BUNDLE / "train.json"), "--bundle_root", str(root), *args], tmp_path)
+    assert (root / "eval" / "exbl" / "checkpoints" / "checkpoint_epoch=1.pt").is_file()
