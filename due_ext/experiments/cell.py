@@ -1,10 +1,9 @@
 """One grid cell in its own process: ``python -m due_ext.experiments.cell SPEC.json``.
 
-Trains with the DUE bundle's ``train.json`` (which ends by evaluating the best model on the test split; a bundle
-without that ``test`` section is evaluated with ``train.json + evaluate.json`` instead), evaluates each extra
-section with ``train.json + evaluate.json``, then writes ``result.json`` (the results row) atomically. A cell runs in
-a subprocess so that a crash loses that cell only and its memory goes back to the system; the row is written
-last, so a cell without ``result.json`` is unfinished and the runner runs it again.
+Trains with the DUE bundle's ``train.json`` (which ends by evaluating the best model on the test split),
+evaluates each extra section with ``train.json + evaluate.json``, then writes ``result.json`` (the results row)
+atomically. A cell runs in a subprocess so that a crash loses that cell only and its memory goes back to the
+system; the row is written last, so a cell without ``result.json`` is unfinished and the runner runs it again.
 """
 
 from __future__ import annotations
@@ -20,18 +19,6 @@ from typing import Any
 RECORDED_KEYS = ("method", "lam", "seed", "max_epochs", "batch_size", "learning_rate", "target_layer",
                  "block_inplanes", "spatial_size", "val_interval")
 RESULT_FILE = "result.json"
-#: eXBL needs an ExemplarSelector on the trainer to choose its exemplars each epoch; bundles/due/train.json does
-#: not attach one (``--method exbl`` fails there with "needs exemplars"), so the runner adds it for exbl cells
-#: until the bundle does (then this override is skipped).
-EXBL_HANDLERS = {"train#trainer#train_handlers":
-                 "$@train#handlers + [due_ext.explain.exemplars.ExemplarSelector(@train#dataloader)]"}
-
-
-def method_overrides(method: str, bundle: Path) -> dict[str, Any]:
-    """Extra bundle overrides a method needs that the bundle's configs do not wire themselves."""
-    if method == "exbl" and "ExemplarSelector" not in (bundle / "train.json").read_text():
-        return dict(EXBL_HANDLERS)
-    return {}
 
 
 def _workflow(configs: list[str], overrides: dict[str, Any]):
@@ -58,27 +45,20 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     # a crashed attempt left a partial run: start clean so every row comes from one uninterrupted training
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = {"method": spec["method"], "seed": spec["seed"], "datalist": spec["datalist"],
-                 "output_dir": str(run_dir), "ckpt_dir": str(run_dir / "models"), **spec.get("overrides", {}),
-                 **method_overrides(spec["method"], bundle)}
+                 "output_dir": str(run_dir), "ckpt_dir": str(run_dir / "models"), **spec.get("overrides", {})}
     if spec.get("lam") is not None:
         overrides["lam"] = spec["lam"]
     train, evaluate = str(bundle / "train.json"), str(bundle / "evaluate.json")
-    # since 346170f train.json evaluates the test split itself (its "test" evaluator); older bundles evaluated
-    # through evaluate.json's "validate" overrides
-    evaluator = "test" if "test" in json.loads(Path(train).read_text()) else "validate"
     start = time.perf_counter()
-    resolved = _run([train], overrides)
+    resolved = _run([train], overrides)  # ends with the test-split evaluation
     trained = time.perf_counter()
-    if evaluator == "validate":
-        _run([train, evaluate], overrides)
-    evaluated = time.perf_counter()
     metrics = json.loads((run_dir / "test" / "metrics.json").read_text())
     extra: dict[str, Any] = {}
     for section in spec.get("extra_sections", []):
         # the same evaluation on another section of the datalist (e.g. the two real tumours); a failure here is
         # recorded, not fatal: the test metrics are the cell's result
         section_overrides = {**overrides, "evaluation_dir": str(run_dir / section),
-                             f"{evaluator}#datalist": "$monai.data.load_decathlon_datalist(@datalist, True, "
+                             "test#datalist": "$monai.data.load_decathlon_datalist(@datalist, True, "
                                                       f"'{section}', @dataset_dir)"}
         try:
             _run([train, evaluate], section_overrides)
@@ -89,8 +69,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
                                                                           ("method", "seed", "train_size", "lam")},
            "config": resolved, "overrides": spec.get("overrides", {}), "datalist": spec["datalist"],
            "revision": spec.get("revision"), "threads": _threads(),
-           "wall_time_s": {"train": round(trained - start, 2), "evaluate": round(evaluated - trained, 2),
-                           "total": round(time.perf_counter() - start, 2)},
+           "wall_time_s": {"train": round(trained - start, 2), "total": round(time.perf_counter() - start, 2)},
            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "metrics": metrics, "extra_sections": extra}
     if row["lam"] is None:
