@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from typing import Any
 #: Grid axes, in the order a cell id names them.
 GRID_AXES = ("method", "train_size", "lam", "seed")
 TOP_KEYS = ("name", "description", "dataset", "datalist", "grid", "overrides", "extra_sections", "bundle")
+#: Keys of ``dataset``: the arguments of :func:`due_ext.bundles.demo_datalist`.
+DATASET_KEYS = ("every_k", "n_neg", "n_pos", "name", "root", "seed", "size")
 #: Keys the runner sets per cell; an experiment may not override them.
 RESERVED_OVERRIDES = ("method", "seed", "lam", "datalist", "output_dir", "ckpt_dir", "bundle_root")
 
@@ -126,14 +129,20 @@ def _check_int(where: str, key: str, value: Any, minimum: int) -> int:
     return value
 
 
+def _check_keys(where: str, mapping: Any, allowed: Sequence[str], prefix: str, not_mapping: str) -> None:
+    """Raise naming the file when ``mapping`` is not a dict (``not_mapping`` says what it must be) or holds a key
+    outside ``allowed`` (reported as ``prefix + key``)."""
+    if not isinstance(mapping, dict):
+        raise ExperimentConfigError(f"{where}: {not_mapping}")
+    unknown = sorted(set(mapping) - set(allowed))
+    if unknown:
+        raise ExperimentConfigError(f"{where}: unknown key '{prefix}{unknown[0]}'; allowed: {', '.join(allowed)}")
+
+
 def _grid(where: str, grid: Any) -> dict[str, list[Any]]:
     from due_ext.explain.supervision import METHODS
 
-    if not isinstance(grid, dict):
-        raise ExperimentConfigError(f"{where}: key 'grid' must be a mapping of {', '.join(GRID_AXES)}")
-    unknown = sorted(set(grid) - set(GRID_AXES))
-    if unknown:
-        raise ExperimentConfigError(f"{where}: unknown key 'grid.{unknown[0]}'; grid axes are {', '.join(GRID_AXES)}")
+    _check_keys(where, grid, GRID_AXES, "grid.", f"key 'grid' must be a mapping of {', '.join(GRID_AXES)}")
     if "method" not in grid:
         raise ExperimentConfigError(f"{where}: key 'grid.method' is required (a list of methods)")
     methods = _as_list(where, "grid.method", grid["method"])
@@ -172,23 +181,14 @@ def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
     raw = _read(path)
     where = str(path)
-    if not isinstance(raw, dict):
-        raise ExperimentConfigError(f"{where}: the top level must be a mapping with keys {', '.join(TOP_KEYS)}")
-    unknown = sorted(set(raw) - set(TOP_KEYS))
-    if unknown:
-        raise ExperimentConfigError(f"{where}: unknown key '{unknown[0]}'; allowed: {', '.join(TOP_KEYS)}")
+    _check_keys(where, raw, TOP_KEYS, "", f"the top level must be a mapping with keys {', '.join(TOP_KEYS)}")
     if "grid" not in raw:
         raise ExperimentConfigError(f"{where}: key 'grid' is required")
     name = raw.get("name", path.stem)
     if not isinstance(name, str) or not name or "/" in name:
         raise ExperimentConfigError(f"{where}: key 'name' must be a non-empty string without '/', got {name!r}")
     dataset = raw.get("dataset", {}) or {}
-    if not isinstance(dataset, dict):
-        raise ExperimentConfigError(f"{where}: key 'dataset' must be a mapping (demo_datalist arguments)")
-    allowed = {"name", "seed", "size", "n_pos", "n_neg", "every_k", "root"}
-    bad = sorted(set(dataset) - allowed)
-    if bad:
-        raise ExperimentConfigError(f"{where}: unknown key 'dataset.{bad[0]}'; allowed: {', '.join(sorted(allowed))}")
+    _check_keys(where, dataset, DATASET_KEYS, "dataset.", "key 'dataset' must be a mapping (demo_datalist arguments)")
     datalist = raw.get("datalist")
     if datalist is not None:
         if dataset:
