@@ -70,11 +70,12 @@ ops run instead). Install the packages of `configs/metadata.json` (`monai`, `tor
 ```bash
 # inference: every NIfTI volume in --input_dir -> eval/inference/predictions.json + <name>_gradcam.nii.gz
 python -m monai.bundle run --config_file configs/inference.json --input_dir /data/volumes
-# train; method `due` needs `interpolation` and `weights` on every annotated positive of the datalist:
+# train (ends by evaluating the best model on the test split: eval/<method>/test/metrics.json and figures);
+# method `due` needs `interpolation` and `weights` on every annotated positive of the datalist:
 python -m monai.bundle run --config_file configs/train.json --datalist /data/derived/datalist.json
 # any other method trains on a plain DUE datalist
 python -m monai.bundle run --config_file configs/train.json --method baseline_plus --datalist /data/datalist.json
-# evaluate the best model on the test split
+# evaluate models/model.pt on the test split again (no training)
 python -m monai.bundle run --config_file "['configs/train.json','configs/evaluate.json']" --datalist /data/datalist.json
 # TorchScript and ONNX (pip install onnx onnxruntime for the ONNX export and its check)
 python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file models/model.pt \\
