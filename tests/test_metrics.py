@@ -126,3 +126,31 @@ def test_faithfulness_on_a_model_that_looks_at_one_half():
     assert blurred.shape == image.shape and torch.allclose(blurred[:, :, 2:], image[:, :, 2:])
     with pytest.raises(ValueError, match="fill"):
         remove_region(image, relevant > 0, fill="noise")
+
+
+def test_oracle_cam_at_full_resolution_reproduces_the_mask():
+    from due_ext.metrics.cam_ceiling import oracle_cam_iou
+
+    mask = torch.zeros(1, 16, 16, 8)
+    mask[0, 5:9, 6:10, 2:5] = 1
+    assert torch.allclose(oracle_cam_iou(mask, (16, 16, 8)), torch.ones(1, dtype=torch.float64))
+
+
+def test_oracle_cam_iou_falls_with_the_grid_for_a_small_lesion():
+    from due_ext.metrics.cam_ceiling import oracle_cam_iou
+
+    mask = torch.zeros(1, 64, 64, 32)
+    mask[0, 30:35, 29:34, 14:17] = 1  # 75 voxels, 0.2 % of the volume: a small nodule
+    ious = [float(oracle_cam_iou(mask, (64 // f, 64 // f, 32 // f))[0]) for f in (1, 4, 8, 16)]
+    assert ious[0] == 1.0
+    assert ious[1] > ious[2] > ious[3]
+    assert ious[3] < 0.05  # a 4x4x2 map cannot outline it
+
+
+def test_oracle_cam_rejects_bad_shapes():
+    from due_ext.metrics.cam_ceiling import oracle_cam
+
+    with pytest.raises(ValueError, match="mask must be"):
+        oracle_cam(torch.zeros(8, 8, 8), (2, 2, 2))
+    with pytest.raises(ValueError, match="grid must be"):
+        oracle_cam(torch.zeros(1, 8, 8, 8), (2, 2))
