@@ -88,8 +88,6 @@ def shipped_model():
     return load_interpolator_weights(default_network(), SHIPPED)
 
 
-@pytest.mark.xfail(strict=True, reason="known failure of the shipped checkpoint (measured share 0.94 at distance 2 vs "
-                   "1.03 at distance 1): its variance is not yet distance-sensitive; see bundles/interpolator/docs")
 def test_shipped_variance_grows_away_from_annotated_slices(shipped_model, tmp_path):
     """On phantom lesion masks (a fresh seed, not the training set) kept every 4th slice, the variance share of a
     missing slice two slices from the nearest annotated slice exceeds that of a slice next to one."""
@@ -111,8 +109,6 @@ def test_shipped_variance_grows_away_from_annotated_slices(shipped_model, tmp_pa
     assert np.mean(share[2]) > np.mean(share[1])
 
 
-@pytest.mark.xfail(strict=True, reason="known failure of the shipped checkpoint: it keeps (even grows) the object up "
-                   "to the empty annotated slice (measured 2.9x the lower slice's area); see bundles/interpolator/docs")
 def test_shipped_model_does_not_bridge_to_an_empty_slice(shipped_model, tmp_path):
     """Object ending inside a gap: annotate 2 slices before a lesion's last slice and the first empty slice 2
     after it. The slice next to the empty bound must hold less than half the lower slice's area (SDF: 0)."""

@@ -9,7 +9,13 @@ import torch
 
 from due_ext.interp.diffusion.crops import crop_window, extract_crop, paste_crop
 from due_ext.interp.diffusion.inference import interpolate_volumes
-from due_ext.interp.diffusion.model import SliceInterpolationUNet, drop_conditions, noise_schedule
+from due_ext.interp.diffusion.model import (
+    SliceInterpolationUNet,
+    drop_conditions,
+    epsilon_from_output,
+    noise_schedule,
+    prediction_target,
+)
 from due_ext.interp.diffusion.sampling import GapJob, SamplerSettings, ddim_timesteps, sample_gaps
 from due_ext.interp.diffusion.training import SliceTripleDataset, diffusion_loss
 
@@ -205,6 +211,38 @@ def test_diffusion_loss_backpropagates(tiny_model, schedule):
     loss.backward()
     assert loss.item() > 0
     assert model.unet.class_embedding.mlp[0].weight.grad.abs().sum() > 0  # the gap embedding learns
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_prediction_target_and_epsilon_are_inverse(prediction_type):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(5, 1, 4, 4, generator=g, dtype=torch.float64).sign()
+    noise = torch.randn(5, 1, 4, 4, generator=g, dtype=torch.float64)
+    alpha = torch.tensor([1e-9, 0.02, 0.5, 0.9, 0.999], dtype=torch.float64).view(5, 1, 1, 1)
+    x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+    target = prediction_target(x0, noise, alpha, prediction_type)
+    assert torch.allclose(epsilon_from_output(target, x_t, alpha, prediction_type), noise, atol=1e-12)
+    if prediction_type == "v_prediction":  # v -> -x0 at pure noise, v -> eps without noise
+        assert torch.allclose(target[0], -x0[0], atol=1e-4)
+        assert torch.allclose(target[-1], noise[-1], atol=0.05)
+
+
+def test_v_loss_weighs_the_clean_slice_error_at_high_noise():
+    """The reason for v-prediction: at a = 0.001 an error of 1 on x0 moves the epsilon target by only 0.03,
+    the v target by 1."""
+    x0, noise, alpha = torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), 0.001
+    shift = {p: (prediction_target(x0, noise, alpha, p) - prediction_target(x0 - 1, noise, alpha, p)).abs().max()
+             for p in ("v_prediction",)}
+    x_t = alpha ** 0.5 * x0
+    eps_shift = (x_t - alpha ** 0.5 * (x0 - 1)) / (1 - alpha) ** 0.5 - noise  # eps implied by the wrong x0
+    assert float(eps_shift.abs().max()) < 0.04 and float(shift["v_prediction"]) > 0.99
+
+
+def test_unknown_prediction_type_is_rejected():
+    with pytest.raises(ValueError, match="prediction_type"):
+        SliceInterpolationUNet(channels=(8, 16), norm_num_groups=4, crop_size=CROP, prediction_type="sample")
+    with pytest.raises(ValueError, match="prediction_type"):
+        prediction_target(torch.zeros(1), torch.zeros(1), 0.5, "x0")
 
 
 def test_ddim_timesteps_trailing():

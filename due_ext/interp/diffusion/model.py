@@ -9,7 +9,14 @@ conditions ``position = offset / span`` (in ``(0, 1)``) and the distance between
 slices, ``>= 2``; the gap holds ``span - 1`` missing slices). Both go through a small MLP (features
 ``position``, ``1 / span``, ``log span``) whose output is *added to the timestep embedding*, the way MONAI's
 ``DiffusionModelUNet`` adds a class embedding: we install our MLP in the slot of its ``class_embedding``.
-The network predicts the noise ``eps`` (epsilon parameterisation).
+Output parameterisation (``prediction_type``): ``"v_prediction"`` (default; Salimans & Ho 2022,
+``v = sqrt(a) eps - sqrt(1 - a) x0``) or ``"epsilon"`` (the noise, as in DDPM/MCVD). Whatever the network
+predicts, the sampler turns it into ``eps`` (:func:`epsilon_from_output`) for the DDIM update. Why ``v``: with
+epsilon prediction the MSE weighs the error of the implied clean slice by the signal-to-noise ratio ``a / (1 - a)``,
+about 1e-3 at the noise levels (``t`` > 930 of 1000) where a 24x24 binary mask is decided; there the conditions
+are all the network has, and an epsilon model trained on the uniform-``t`` loss learned to ignore them (it drew
+an object of 38 voxels where the truth had 11, next to an empty annotated slice; measured on validation triples).
+The ``v`` loss weighs the clean-slice error by ``1 + SNR`` >= 1 at every noise level.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ DEFAULT_CROP_SIZE = 24
 DEFAULT_TRAIN_TIMESTEPS = 1000
 #: Beta schedule of the forward process; cosine keeps small binary images informative at mid steps.
 DEFAULT_SCHEDULE = "cosine"
+#: What the network outputs (MONAI's ``prediction_type`` names).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+DEFAULT_PREDICTION_TYPE = "v_prediction"
 
 
 class GapEmbedding(nn.Module):
@@ -57,15 +67,22 @@ class SliceInterpolationUNet(nn.Module):
         num_head_channels: channels per attention head of the middle block.
         crop_size: side of the square crops (documentation and a shape check; the UNet itself is size-free
             as long as the size is divisible by ``2 ** (len(channels) - 1)``).
+        prediction_type: ``"v_prediction"`` or ``"epsilon"``: what :meth:`forward` returns (see the module
+            docstring); it must match the weights, which were trained for one of them.
 
     Call ``model(x_t, timesteps, prev, next, position, span)`` with ``x_t``, ``prev``, ``next`` of shape
     ``(B, 1, H, W)`` in ``[-1, 1]`` (conditions already multiplied by their masks), ``timesteps`` ``(B,)``
-    integers, ``position`` and ``span`` ``(B,)`` floats; returns the predicted noise ``(B, 1, H, W)``.
+    integers, ``position`` and ``span`` ``(B,)`` floats; returns the prediction ``(B, 1, H, W)`` (``v`` or the
+    noise, per ``prediction_type``).
     """
 
     def __init__(self, channels: Sequence[int] = (16, 32, 64), num_res_blocks: int = 1, norm_num_groups: int = 8,
-                 num_head_channels: int = 16, crop_size: int = DEFAULT_CROP_SIZE) -> None:
+                 num_head_channels: int = 16, crop_size: int = DEFAULT_CROP_SIZE,
+                 prediction_type: str = DEFAULT_PREDICTION_TYPE) -> None:
         super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        self.prediction_type = prediction_type
         channels = tuple(int(c) for c in channels)
         if crop_size % (2 ** (len(channels) - 1)):
             raise ValueError(f"crop_size {crop_size} must be divisible by 2**{len(channels) - 1} for a UNet with "
@@ -90,6 +107,30 @@ class SliceInterpolationUNet(nn.Module):
                              f"{tuple(position.shape)}, {tuple(span.shape)}")
         gap = torch.stack([position.float(), span.float()], dim=-1)
         return self.unet(torch.cat([x_t, prev, next], dim=1), timesteps, class_labels=gap)
+
+
+def prediction_target(x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor | float,
+                      prediction_type: str) -> torch.Tensor:
+    """What a network of ``prediction_type`` must output for ``x_t = sqrt(a) x0 + sqrt(1 - a) noise``:
+    ``noise`` (epsilon) or ``v = sqrt(a) noise - sqrt(1 - a) x0``. ``alpha`` broadcasts against ``x0``."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        alpha = torch.as_tensor(alpha, dtype=x0.dtype, device=x0.device)
+        return alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def epsilon_from_output(output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor | float,
+                        prediction_type: str) -> torch.Tensor:
+    """The noise implied by a network ``output`` at ``x_t``: the output itself (epsilon) or, from ``v``,
+    ``sqrt(1 - a) x_t + sqrt(a) v``. Inverse of :func:`prediction_target` given ``x_t``."""
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        alpha = torch.as_tensor(alpha, dtype=x_t.dtype, device=x_t.device)
+        return (1 - alpha).sqrt() * x_t + alpha.sqrt() * output
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
 def drop_conditions(prev: torch.Tensor, next: torch.Tensor, p_drop: float = 0.5,

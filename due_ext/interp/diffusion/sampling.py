@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from due_ext.interp.diffusion.model import epsilon_from_output
 from due_ext.ops import ddim_step
 
 
@@ -100,6 +101,7 @@ def denoise(model: nn.Module, alphas_cumprod: torch.Tensor, prev: torch.Tensor, 
     """Sample one slice per chain: ``(B, 1, H, W)`` in ``[-1, 1]`` from conditions ``prev``, ``next`` (same
     shape, in ``[-1, 1]``) and per-chain ``position``, ``span`` ``(B,)``; one generator per chain."""
     device = prev.device
+    prediction_type = getattr(model, "prediction_type", "epsilon")
     timesteps = ddim_timesteps(len(alphas_cumprod), settings.steps)
     x = _randn(generators, tuple(prev.shape[1:]), device)
     batch = x.shape[0]
@@ -107,12 +109,13 @@ def denoise(model: nn.Module, alphas_cumprod: torch.Tensor, prev: torch.Tensor, 
         alpha_t = float(alphas_cumprod[t])
         alpha_prev = float(alphas_cumprod[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
         t_batch = torch.full((batch,), t, dtype=torch.long, device=device)
-        eps = torch.empty_like(x)
+        output = torch.empty_like(x)
         with _autocast(settings.bf16, device):
             for lo in range(0, batch, settings.max_batch):
                 hi = min(lo + settings.max_batch, batch)
-                eps[lo:hi] = model(x[lo:hi], t_batch[lo:hi], prev[lo:hi], next[lo:hi], position[lo:hi],
-                                   span[lo:hi]).float()
+                output[lo:hi] = model(x[lo:hi], t_batch[lo:hi], prev[lo:hi], next[lo:hi], position[lo:hi],
+                                      span[lo:hi]).float()
+        eps = epsilon_from_output(output, x, alpha_t, prediction_type)
         noise = _randn(generators, tuple(x.shape[1:]), device) if settings.eta > 0 else None
         x = ddim_step(x, eps, alpha_t, alpha_prev, settings.eta, noise, settings.clip_x0)
     return x

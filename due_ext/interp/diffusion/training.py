@@ -7,7 +7,7 @@
   lesion, so one condition can be an empty slice: the model learns that the object ends inside the gap and
   must not be bridged. Triples with both conditions empty are redrawn (inference never asks for them).
   Augmentation: Z flip, in-plane rot90/flip, +-2 voxel crop jitter. Crops as at inference (:mod:`.crops`).
-- :class:`DiffusionTrainer`: MONAI ``SupervisedTrainer`` whose iteration is the epsilon loss of paper Eq. 3
+- :class:`DiffusionTrainer`: MONAI ``SupervisedTrainer`` whose iteration is the denoising loss of paper Eq. 3
   (random timestep, forward noising, conditions dropped with probability ``condition_drop`` each).
 - :class:`DiffusionValidator`: MONAI ``SupervisedEvaluator`` computing the same loss on fixed validation
   triples with fixed timesteps and noise (both conditions kept, as at inference), so epochs are comparable.
@@ -38,7 +38,7 @@ from due_ext.data.atomic import atomic_destination
 from due_ext.data.datalist import read_datalist
 from due_ext.data.nifti import read_nifti
 from due_ext.interp.diffusion.crops import crop_window, extract_crop
-from due_ext.interp.diffusion.model import DEFAULT_CROP_SIZE, drop_conditions, noise_schedule
+from due_ext.interp.diffusion.model import DEFAULT_CROP_SIZE, drop_conditions, noise_schedule, prediction_target
 
 logger = logging.getLogger("due_ext.interp")
 
@@ -152,7 +152,9 @@ class SliceTripleDataset(Dataset):
 
 def diffusion_loss(network: nn.Module, batch: dict[str, torch.Tensor], alphas_cumprod: torch.Tensor,
                    condition_drop: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Paper Eq. 3: ``|| eps - eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, m_p A_prev, m_f A_next, t) ||^2``."""
+    """Paper Eq. 3: ``|| y - f_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, m_p A_prev, m_f A_next, t) ||^2`` with
+    ``y = eps`` for an epsilon network (the paper's form) and ``y = v`` for a v-prediction one (the default;
+    :mod:`.model` says why). The network's ``prediction_type`` attribute decides (epsilon if it has none)."""
     x0 = batch[TARGET]
     device = x0.device
     count = x0.shape[0]
@@ -161,8 +163,9 @@ def diffusion_loss(network: nn.Module, batch: dict[str, torch.Tensor], alphas_cu
     alpha = alphas_cumprod.to(device)[t].to(x0.dtype).view(count, 1, 1, 1)
     x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
     prev, nxt = drop_conditions(batch[PREV], batch[NEXT], condition_drop, generator=generator)
-    eps = network(x_t, t, prev.to(device), nxt.to(device), batch[POSITION], batch[SPAN])
-    return torch.mean((eps - noise) ** 2)
+    output = network(x_t, t, prev.to(device), nxt.to(device), batch[POSITION], batch[SPAN])
+    target = prediction_target(x0, noise, alpha, getattr(network, "prediction_type", "epsilon"))
+    return torch.mean((output - target) ** 2)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
