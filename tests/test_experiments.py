@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from due_ext.experiments import ExperimentConfigError, load_experiment, markdown_table, read_rows, run_experiment
-from due_ext.experiments.datalists import training_subset
+from due_ext.experiments.datalists import training_subset, write_subset
 from due_ext.experiments.figures import plot_sweep, write_figures
 from due_ext.experiments.table import COLUMNS, experiment_table, mean_std, row_metric
 
@@ -116,6 +116,22 @@ def test_training_subset_is_balanced_seeded_and_nested():
     assert small == training_subset(items, 6, seed=3) and small != training_subset(items, 6, seed=4)
     with pytest.raises(ValueError, match="needs 25 items with label 1"):
         training_subset(items, 50, seed=0)
+
+
+def test_subset_is_cut_again_when_its_base_changes(tmp_path):
+    """A subset written from one base (e.g. DUE keys derived by older upstream models) must not be reused for
+    another base: the cells would silently train on stale derived volumes."""
+    items = [{"image": f"{i}.nii.gz", "label": i % 2} for i in range(8)]
+    old, new = tmp_path / "old" / "datalist.json", tmp_path / "new" / "datalist.json"
+    for base, tag in ((old, "old"), (new, "new")):
+        base.parent.mkdir()
+        base.write_text(json.dumps({"training": [dict(it, interpolation=f"{tag}/{i}.nii.gz")
+                                                 for i, it in enumerate(items)], "test": []}))
+    first = write_subset(str(old), tmp_path / "subsets", 4, seed=0)
+    assert write_subset(str(old), tmp_path / "subsets", 4, seed=0) == first  # same base: reused
+    payload = json.loads(Path(write_subset(str(new), tmp_path / "subsets", 4, seed=0)).read_text())
+    assert payload["subset"]["base"] == str(new.resolve())
+    assert all(f"{os.sep}new{os.sep}" in it["interpolation"] for it in payload["training"])
 
 
 @pytest.mark.parametrize(("text", "key"), [

@@ -10,11 +10,14 @@ paths), so the bundle uses it as is and nothing is recomputed per cell.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any
 
 from due_ext.data.schema import VOLUME_KEYS
+
+logger = logging.getLogger("due_ext.experiments")
 
 #: Sections copied unchanged into every subset (the training section is the one that is cut).
 KEPT_SECTIONS = ("validation", "test")
@@ -61,10 +64,18 @@ def training_subset(items: list[dict[str, Any]], size: int | None, seed: int) ->
 
 
 def write_subset(base: str, out_dir: str | Path, size: int | None, seed: int) -> str:
-    """Write the datalist of one (size, seed) into ``out_dir`` (absolute paths; reused when present)."""
+    """Write the datalist of one (size, seed) into ``out_dir`` (absolute paths).
+
+    An existing file is reused only when it was cut from the same ``base``: when the base changes (e.g. DUE's
+    derived keys now come from retrained upstream models, or a method that needs them joined the grid) the
+    subset is written again, so no cell trains on stale derived volumes.
+    """
     out = Path(out_dir) / f"train{'all' if size is None else size}-seed{seed}.json"
     if out.is_file():
-        return str(out)
+        recorded = json.loads(out.read_text()).get("subset", {})
+        if recorded.get("base") == str(Path(base).resolve()):
+            return str(out)
+        logger.info("%s was cut from %s; cutting it again from %s", out, recorded.get("base"), base)
     from due_ext.data.datalist import write_json_atomic
 
     payload = json.loads(Path(base).read_text())
