@@ -79,18 +79,23 @@ def _run_bundle_component(name: str, config: str, component: str, overrides: dic
     return str(parser.get_parsed_content(component).run())
 
 
-def derive_uncertainty_keys(datalist: str, sections: tuple[str, ...] = ("training", "validation")) -> str:
+def derive_uncertainty_keys(datalist: str, sections: tuple[str, ...] = ("training", "validation"),
+                            normalization: str = "block") -> str:
     """Add DUE's derived keys to ``datalist`` with the shipped upstream models; returns the new datalist.
 
     Runs the interpolator bundle's inference (``interpolation``, diffusion mean of the repeats) and then the
-    uncertainty bundle's inference (``variance`` from the neural process and ``weights``) on ``sections``,
-    through their own ``inference.json`` (so the network definitions have one home). Results go to
-    ``<datalist folder>/derived-<hash of both checkpoints>/`` and are reused on later runs.
+    uncertainty bundle's inference (``variance`` from the neural process and ``weights`` mapped with
+    ``normalization``: ``"block"``, ``"volume"`` or ``"absolute"``) on ``sections``, through their own
+    ``inference.json`` (so the network definitions have one home). Results go to
+    ``<datalist folder>/derived-<hash of both checkpoints, sections and a non-default normalization>/`` and
+    are reused on later runs.
     """
     digest = hashlib.sha1()
     for name in ("interpolator", "uncertainty"):
         digest.update((Path(bundle_root(name)) / "models" / "model.pt").read_bytes())
     digest.update(json.dumps(sorted(sections)).encode())
+    if normalization != "block":  # the default stays out of the hash: existing derived folders remain valid
+        digest.update(normalization.encode())
     folder = Path(datalist).resolve().parent / f"derived-{digest.hexdigest()[:10]}"
     final = folder / "uncertainty" / "datalist.json"
     if final.is_file():
@@ -100,14 +105,16 @@ def derive_uncertainty_keys(datalist: str, sections: tuple[str, ...] = ("trainin
         "datalist": str(Path(datalist).resolve()), "output_dir": str(folder / "interpolator"),
         "sections": list(sections)})
     return _run_bundle_component("uncertainty", "inference.json", "inference", {
-        "datalist": interpolated, "output_dir": str(folder / "uncertainty"), "sections": list(sections)})
+        "datalist": interpolated, "output_dir": str(folder / "uncertainty"), "sections": list(sections),
+        "normalization": normalization})
 
 
-def prepared_datalist(datalist: str, method: str, derive: bool = True) -> str:
+def prepared_datalist(datalist: str, method: str, derive: bool = True, normalization: str = "block") -> str:
     """The datalist ``method`` trains on: ``datalist`` itself when every annotated positive of the training
     and validation sections already has the keys the method needs; otherwise, with ``derive``, the datalist
     :func:`derive_uncertainty_keys` writes (DUE's ``interpolation`` and ``weights`` from the shipped
-    interpolator and uncertainty models); without ``derive``, an error naming what is missing.
+    interpolator and uncertainty models, weights mapped with ``normalization``); without ``derive``, an error
+    naming what is missing.
     """
     from due_ext.data.datalist import read_datalist
 
@@ -120,7 +127,7 @@ def prepared_datalist(datalist: str, method: str, derive: bool = True) -> str:
     if not missing:
         return datalist
     if derive:
-        return derive_uncertainty_keys(datalist)
+        return derive_uncertainty_keys(datalist, normalization=normalization)
     raise ValueError(f"{datalist}: method {method!r} needs {missing} on every annotated positive. Produce them "
                      "with the interpolator and uncertainty bundles' inference configs "
                      "(bundles/interpolator/inference.json, bundles/uncertainty/inference.json) or let the DUE "

@@ -143,6 +143,7 @@ def test_subset_is_cut_again_when_its_base_changes(tmp_path):
     ('{"grid": {"method": ["due"]}, "overrides": {"seed": 3}}', "overrides.seed"),
     ('{"grid": {"method": ["due"]}, "dataset": {"nmae": "lung-ct"}}', "dataset.nmae"),
     ('{"grid": {"method": ["due"]}, "extra": 1}', "extra"),
+    ('{"grid": {"method": ["due"]}, "weight_normalization": "global"}', "weight_normalization"),
     ('{"name": "x"}', "grid"),
 ])
 def test_bad_config_errors_name_the_file_and_the_key(tmp_path, text, key):

@@ -15,6 +15,7 @@ Format (every key except ``grid.method`` optional)::
     # baseline once, without running the baseline at every lambda)
     overrides: {max_epochs: 24}           # any other bundle key, for every cell
     extra_sections: [real_tumours]        # datalist sections also evaluated after the test split
+    weight_normalization: block           # how DUE's uncertainty weights are mapped (block, volume, absolute)
 
 Errors name the file and the key, so a typo is found without reading a traceback.
 """
@@ -30,7 +31,10 @@ from typing import Any
 
 #: Grid axes, in the order a cell id names them.
 GRID_AXES = ("method", "train_size", "lam", "seed")
-TOP_KEYS = ("name", "description", "dataset", "datalist", "grid", "overrides", "extra_sections", "bundle")
+TOP_KEYS = ("name", "description", "dataset", "datalist", "grid", "overrides", "extra_sections", "bundle",
+            "weight_normalization")
+#: Mappings of the variance to DUE's loss weights (:func:`due_ext.uncertainty.weights.uncertainty_weights`).
+WEIGHT_NORMALIZATIONS = ("block", "volume", "absolute")
 #: Keys of ``dataset``: the arguments of :func:`due_ext.bundles.demo_datalist`.
 DATASET_KEYS = ("every_k", "n_neg", "n_pos", "name", "root", "seed", "size")
 #: Keys the runner sets per cell; an experiment may not override them.
@@ -73,6 +77,7 @@ class Experiment:
     overrides: dict[str, Any] = field(default_factory=dict)
     extra_sections: list[str] = field(default_factory=list)
     bundle: str = "due"
+    weight_normalization: str = "block"
 
     def cells(self) -> list[Cell]:
         """Every cell, seed-major: all methods of the first seed come first, so an interrupted grid leaves
@@ -92,7 +97,8 @@ class Experiment:
     def as_dict(self) -> dict[str, Any]:
         return {"path": self.path, "name": self.name, "description": self.description, "dataset": self.dataset,
                 "datalist": self.datalist, "grid": self.grid, "overrides": self.overrides,
-                "extra_sections": self.extra_sections, "bundle": self.bundle}
+                "extra_sections": self.extra_sections, "bundle": self.bundle,
+                "weight_normalization": self.weight_normalization}
 
 
 def _read(path: Path) -> Any:
@@ -209,6 +215,10 @@ def load_experiment(path: str | Path) -> Experiment:
     bundle = raw.get("bundle", "due")
     if bundle != "due":
         raise ExperimentConfigError(f"{where}: key 'bundle' must be 'due' (the only classifier bundle)")
+    normalization = raw.get("weight_normalization", "block")
+    if normalization not in WEIGHT_NORMALIZATIONS:
+        raise ExperimentConfigError(f"{where}: key 'weight_normalization' must be one of "
+                                    f"{', '.join(WEIGHT_NORMALIZATIONS)}, got {normalization!r}")
     return Experiment(path=str(path.resolve()), name=name, description=str(raw.get("description", "")),
                       dataset=dataset, datalist=datalist, grid=_grids(where, raw["grid"]), overrides=overrides,
-                      extra_sections=extra, bundle=bundle)
+                      extra_sections=extra, bundle=bundle, weight_normalization=normalization)

@@ -24,15 +24,16 @@ KEPT_SECTIONS = ("validation", "test")
 
 
 def base_datalist(dataset: dict[str, Any] | None = None, datalist: str | None = None,
-                  methods: list[str] | tuple[str, ...] = ()) -> str:
+                  methods: list[str] | tuple[str, ...] = (), weight_normalization: str = "block") -> str:
     """The datalist every cell's subset is cut from: ``datalist`` or the demo dataset ``dataset`` describes,
-    prepared for every method in ``methods`` (DUE's derived keys added once when one of them needs them)."""
+    prepared for every method in ``methods`` (DUE's derived keys added once when one of them needs them, its
+    weights mapped with ``weight_normalization``)."""
     from due_ext.bundles import METHOD_KEYS, demo_datalist, prepared_datalist
 
     path = datalist if datalist is not None else demo_datalist(**(dataset or {}))
     for method in methods:
         if METHOD_KEYS.get(method):
-            return prepared_datalist(path, method)
+            return prepared_datalist(path, method, normalization=weight_normalization)
     return path
 
 

@@ -150,4 +150,4 @@ def base_for(experiment: Experiment) -> str:
     from due_ext.experiments.datalists import base_datalist
 
     methods = list(dict.fromkeys(m for g in experiment.grid for m in g["method"]))
-    return base_datalist(experiment.dataset, experiment.datalist, methods)
+    return base_datalist(experiment.dataset, experiment.datalist, methods, experiment.weight_normalization)
