@@ -87,25 +87,26 @@ def derive_uncertainty_keys(datalist: str, sections: tuple[str, ...] = ("trainin
     uncertainty bundle's inference (``variance`` from the neural process and ``weights`` mapped with
     ``normalization``: ``"block"``, ``"volume"`` or ``"absolute"``) on ``sections``, through their own
     ``inference.json`` (so the network definitions have one home). Results go to
-    ``<datalist folder>/derived-<hash of both checkpoints, sections and a non-default normalization>/`` and
-    are reused on later runs.
+    ``<datalist folder>/derived-<hash of both checkpoints and sections>/``: ``interpolator/``, and
+    ``uncertainty/`` for the default mapping or ``uncertainty-<normalization>/`` for another one, so every
+    mapping shares one interpolation (it does not depend on the mapping). Finished steps are reused.
     """
     digest = hashlib.sha1()
     for name in ("interpolator", "uncertainty"):
         digest.update((Path(bundle_root(name)) / "models" / "model.pt").read_bytes())
     digest.update(json.dumps(sorted(sections)).encode())
-    if normalization != "block":  # the default stays out of the hash: existing derived folders remain valid
-        digest.update(normalization.encode())
     folder = Path(datalist).resolve().parent / f"derived-{digest.hexdigest()[:10]}"
-    final = folder / "uncertainty" / "datalist.json"
+    final = folder / ("uncertainty" if normalization == "block" else f"uncertainty-{normalization}") / "datalist.json"
     if final.is_file():
         return str(final)
     logger.info("deriving interpolation and uncertainty weights for %s into %s", datalist, folder)
-    interpolated = _run_bundle_component("interpolator", "inference.json", "interpolation", {
-        "datalist": str(Path(datalist).resolve()), "output_dir": str(folder / "interpolator"),
-        "sections": list(sections)})
+    interpolated = folder / "interpolator" / "datalist.json"  # written last: present = complete
+    if not interpolated.is_file():
+        interpolated = Path(_run_bundle_component("interpolator", "inference.json", "interpolation", {
+            "datalist": str(Path(datalist).resolve()), "output_dir": str(interpolated.parent),
+            "sections": list(sections)}))
     return _run_bundle_component("uncertainty", "inference.json", "inference", {
-        "datalist": interpolated, "output_dir": str(folder / "uncertainty"), "sections": list(sections),
+        "datalist": str(interpolated), "output_dir": str(final.parent), "sections": list(sections),
         "normalization": normalization})
 
 

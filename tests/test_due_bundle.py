@@ -132,3 +132,27 @@ def test_exbl_is_one_override_away(tmp_path):
     args = [a if a != "baseline_plus" else "exbl" for a in TINY]
     _bundle(["run", "--config_file", str(BUNDLE / "train.json"), "--bundle_root", str(root), *args], tmp_path)
     assert (root / "eval" / "exbl" / "checkpoints" / "checkpoint_epoch=1.pt").is_file()
+
+
+def test_weight_mappings_share_one_interpolation(tmp_path, monkeypatch):
+    """The interpolation does not depend on how the variance is mapped to weights: a second mapping reuses it."""
+    import due_ext.bundles as bundles
+
+    calls = []
+
+    def fake_run(name, config, component, overrides):
+        calls.append((name, overrides.get("normalization")))
+        out = Path(overrides["output_dir"]) / "datalist.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("{}")
+        return str(out)
+
+    monkeypatch.setattr(bundles, "_run_bundle_component", fake_run)
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text("{}")
+    block = Path(bundles.derive_uncertainty_keys(str(datalist)))
+    volume = Path(bundles.derive_uncertainty_keys(str(datalist), normalization="volume"))
+    assert bundles.derive_uncertainty_keys(str(datalist), normalization="volume") == str(volume)  # reused
+    assert calls == [("interpolator", None), ("uncertainty", "block"), ("uncertainty", "volume")]
+    assert block.parent.name == "uncertainty" and volume.parent.name == "uncertainty-volume"
+    assert block.parent.parent == volume.parent.parent
