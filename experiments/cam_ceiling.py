@@ -38,8 +38,7 @@ def feature_grids(layers: list[str], shape: tuple[int, ...]) -> dict[str, tuple[
 
 def main() -> None:
     from due_ext.bundles import demo_datalist
-    from due_ext.data.datalist import read_datalist
-    from due_ext.data.nifti import read_nifti
+    from due_ext.interp.evaluate import load_masks_for_evaluation
     from due_ext.metrics.cam_ceiling import oracle_cam_iou
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -49,15 +48,12 @@ def main() -> None:
     parser.add_argument("--thresholds", default="0.3,0.5,0.7")
     args = parser.parse_args()
     datalist = Path(args.datalist or demo_datalist("lung-ct", seed=0))
-    items = [it for it in read_datalist(datalist)[args.section] if it.get("label") == 1 and "mask" in it]
-    if not items:
-        raise SystemExit(f"{datalist}: no positive with a 'mask' in section {args.section!r}")
-    masks = torch.stack([torch.from_numpy((read_nifti(Path(it["mask"]) if Path(it["mask"]).is_absolute()
-                                                      else datalist.parent / it["mask"])[0] > 0).astype(np.float32))
-                         for it in items])
+    # the lesion masks of the section (negatives have empty masks and are skipped)
+    masks = torch.stack([torch.from_numpy(mask.astype(np.float32))
+                         for _, mask in load_masks_for_evaluation(datalist, [args.section])])
     thresholds = [float(t) for t in args.thresholds.split(",")]
     grids = feature_grids(args.layers.split(","), tuple(masks.shape[1:]))
-    print(f"{datalist} [{args.section}]: {len(items)} positives, crop {tuple(masks.shape[1:])}, lesion = "
+    print(f"{datalist} [{args.section}]: {len(masks)} positives, crop {tuple(masks.shape[1:])}, lesion = "
           f"{100 * masks.mean().item():.2f} % of the crop on average\n")
     print("| layer | grid | " + " | ".join(f"oracle IoU @ {t} (%)" for t in thresholds) + " |")
     print("|---|---|" + "---|" * len(thresholds))

@@ -231,11 +231,11 @@ def test_v_loss_weighs_the_clean_slice_error_at_high_noise():
     """The reason for v-prediction: at a = 0.001 an error of 1 on x0 moves the epsilon target by only 0.03,
     the v target by 1."""
     x0, noise, alpha = torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), 0.001
-    shift = {p: (prediction_target(x0, noise, alpha, p) - prediction_target(x0 - 1, noise, alpha, p)).abs().max()
-             for p in ("v_prediction",)}
+    v_shift = (prediction_target(x0, noise, alpha, "v_prediction")
+               - prediction_target(x0 - 1, noise, alpha, "v_prediction")).abs().max()
     x_t = alpha ** 0.5 * x0
     eps_shift = (x_t - alpha ** 0.5 * (x0 - 1)) / (1 - alpha) ** 0.5 - noise  # eps implied by the wrong x0
-    assert float(eps_shift.abs().max()) < 0.04 and float(shift["v_prediction"]) > 0.99
+    assert float(eps_shift.abs().max()) < 0.04 and float(v_shift) > 0.99
 
 
 def test_unknown_prediction_type_is_rejected():
