@@ -79,3 +79,13 @@ def test_bad_inputs_raise():
         uncertainty_weights(np.full((2, 2, 4), np.nan), [0, 3])
     with pytest.raises(ValueError, match="outside a volume"):
         uncertainty_weights(np.zeros((2, 2, 4)), [0, 4])
+
+
+def test_huge_and_negative_variances():
+    var = np.zeros((2, 2, 5))
+    var[0, 0, 2] = 1e4     # exp(1e4) would overflow: must still map to the lowest weight, without a warning
+    var[1, 1, 2] = -1e-3   # numerical noise below 0 counts as 0
+    var[1, 0, 2] = 0.1
+    with np.errstate(all="raise"):
+        w = uncertainty_weights(var, [0, 4])
+    assert w[0, 0, 2] == 0.0 and w[1, 1, 2] == w[0, 1, 2] == 1.0 and 0.0 < w[1, 0, 2] < 1.0

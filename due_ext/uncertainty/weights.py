@@ -38,12 +38,12 @@ NORMALIZATIONS = ("block", "volume", "absolute")
 MAX_VARIANCE = 0.25
 
 
-def _minmax(values: torch.Tensor, low: torch.Tensor | float, high: torch.Tensor | float) -> torch.Tensor:
+def _minmax(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """``(values - low) / (high - low)`` clipped to [0, 1]; all ones where ``high == low`` (nothing to rank)."""
     span = float(high) - float(low)
     if span <= 0.0:
-        return torch.ones_like(values)
-    return ((values - low) / span).clamp(0.0, 1.0)
+        return np.ones_like(values)
+    return np.clip((values - low) / span, 0.0, 1.0)
 
 
 def uncertainty_weights(variance: np.ndarray | torch.Tensor, annotated_slices: Sequence[int],
@@ -52,8 +52,8 @@ def uncertainty_weights(variance: np.ndarray | torch.Tensor, annotated_slices: S
     """Per-voxel weights in [0, 1] from an ``(X, Y, Z)`` variance volume (rules in the module docstring).
 
     Args:
-        variance: per-voxel variance, ``(X, Y, Z)`` (numpy or torch; the result has the same type and dtype
-            float32). Negative values (numerical noise) are treated as 0.
+        variance: per-voxel variance, ``(X, Y, Z)`` (numpy or torch; the result has the same type, dtype float32,
+            and for torch the same device). Negative values (numerical noise) are treated as 0.
         annotated_slices: Z indices of the annotated slices.
         normalization: ``"block"`` (default, the original), ``"volume"`` or ``"absolute"``.
         max_variance: the variance mapped to weight 0 by ``"absolute"``.
@@ -66,33 +66,35 @@ def uncertainty_weights(variance: np.ndarray | torch.Tensor, annotated_slices: S
         raise ValueError(f"normalization {normalization!r} is not one of {', '.join(NORMALIZATIONS)}")
     if not max_variance > 0.0:
         raise ValueError(f"max_variance must be > 0, got {max_variance}")
-    as_numpy = not isinstance(variance, torch.Tensor)
+    device = variance.device if isinstance(variance, torch.Tensor) else None
+    # numpy, not torch: these are a few whole-volume passes, where torch's per-operator overhead would dominate.
     # float64: sigmoid(-var) sits near 0.5 where float32 cannot tell variances 1e-7 apart.
-    var = torch.as_tensor(np.asarray(variance) if as_numpy else variance).double()
-    if var.dim() != 3:
-        raise ValueError(f"variance must be an (X, Y, Z) volume, got shape {tuple(var.shape)}")
-    if not torch.isfinite(var).all():
+    var = np.array(variance.detach().cpu() if device is not None else variance, dtype=np.float64)
+    if var.ndim != 3:
+        raise ValueError(f"variance must be an (X, Y, Z) volume, got shape {var.shape}")
+    if not np.isfinite(var).all():
         raise ValueError("variance contains NaN or Inf")
-    var = var.clamp(min=0.0)
     blocks = split_blocks(annotated_slices, depth=var.shape[-1])
     slices = sorted(set(int(z) for z in annotated_slices))
-    weights = torch.full_like(var, float(outside))
+    weights = np.full_like(var, float(outside))
     if slices:
         weights[..., slices[0]:slices[-1] + 1] = 1.0
-    score = torch.sigmoid(-var)  # the paper's flipped sigmoid: high variance -> low score
+    gaps = [np.s_[..., b.start + 1:b.stop] for b in blocks]
+    # the paper's flipped sigmoid (high variance -> low score), on the missing slices only
+    scores = [_flipped_sigmoid(np.maximum(var[gap], 0.0)) for gap in gaps]
     if normalization == "absolute":
-        low, high = torch.sigmoid(torch.tensor(-float(max_variance), dtype=torch.float64)), 0.5  # sigmoid(-0) = 0.5
-        for block in blocks:
-            weights[..., block.start + 1:block.stop] = _minmax(score[..., block.start + 1:block.stop], low, high)
-    elif normalization == "volume" and blocks:
-        missing = torch.cat([score[..., b.start + 1:b.stop].reshape(-1) for b in blocks])
-        low, high = missing.min(), missing.max()
-        for block in blocks:
-            weights[..., block.start + 1:block.stop] = _minmax(score[..., block.start + 1:block.stop], low, high)
+        bounds = [(float(_flipped_sigmoid(np.float64(max_variance))), 0.5)] * len(gaps)  # sigmoid(-0) = 0.5
+    elif normalization == "volume" and gaps:
+        bounds = [(min(s.min() for s in scores), max(s.max() for s in scores))] * len(gaps)
     else:
-        for block in blocks:
-            part = score[..., block.start + 1:block.stop]
-            weights[..., block.start + 1:block.stop] = _minmax(part, part.min(), part.max())
+        bounds = [(s.min(), s.max()) for s in scores]
+    for gap, score, (low, high) in zip(gaps, scores, bounds, strict=True):
+        weights[gap] = _minmax(score, low, high)
     weights[..., slices] = 1.0
-    weights = weights.float()
-    return weights.numpy() if as_numpy else weights
+    weights = weights.astype(np.float32)
+    return weights if device is None else torch.from_numpy(weights).to(device)
+
+
+def _flipped_sigmoid(var: np.ndarray) -> np.ndarray:
+    """``sigmoid(-var)`` for ``var >= 0``, written with tanh so large variances cannot overflow ``exp``."""
+    return 0.5 - 0.5 * np.tanh(0.5 * var)
