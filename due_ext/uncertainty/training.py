@@ -31,7 +31,7 @@ from torch import nn
 from due_ext.interp.diffusion.inference import load_interpolator_weights
 from due_ext.interp.diffusion.sampling import SamplerSettings
 from due_ext.metrics.uncertainty import spearman
-from due_ext.uncertainty.model import neural_process_loss, target_positions
+from due_ext.uncertainty.model import neural_process_loss
 from due_ext.uncertainty.targets import (
     GAP,
     LOG_VARIANCE,
@@ -96,7 +96,7 @@ class NeuralProcessTrainer(SupervisedTrainer):
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         output = engine.network(lower, upper, gaps, target)
-        losses = neural_process_loss(output, target, gaps, beta=engine.beta)
+        losses = neural_process_loss(output, target, beta=engine.beta)
         engine.state.output = {k: v.detach() for k, v in losses.items()}
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
@@ -127,7 +127,7 @@ class NeuralProcessValidator(SupervisedEvaluator):
         with torch.no_grad():
             output = engine.network(lower, upper, gaps)
         width = output.log_var.shape[1]
-        valid = target_positions(gaps)[1].to(output.log_var.device)
+        valid = output.valid
         l1 = ((output.log_var - target[:, :width]).abs().mean(dim=(-2, -1)) * valid).sum() / valid.sum()
         voxels = valid[..., None, None].expand_as(output.log_var)
         predicted = (torch.exp(output.log_var) - engine.network.eps).clamp(min=0.0)
