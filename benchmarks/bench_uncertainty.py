@@ -10,7 +10,7 @@ One process, volumes one at a time (what a data loader asks for), median over vo
 Networks come from the bundles' configs; the shipped weights are used when present, otherwise random weights
 of the same architecture (the cost does not depend on the weights' values: same blocks, chains and steps).
 
-    python benchmarks/bench_uncertainty.py --n-volumes 6 --threads 2
+    python benchmarks/bench_uncertainty.py --n-volumes 8 --threads 1 --repeats 3   # 1 thread: a data-loader worker
 """
 
 from __future__ import annotations
