@@ -69,7 +69,7 @@ def uncertainty_weights(variance: np.ndarray | torch.Tensor, annotated_slices: S
     device = variance.device if isinstance(variance, torch.Tensor) else None
     # numpy, not torch: these are a few whole-volume passes, where torch's per-operator overhead would dominate.
     # float64: sigmoid(-var) sits near 0.5 where float32 cannot tell variances 1e-7 apart.
-    var = np.array(variance.detach().cpu() if device is not None else variance, dtype=np.float64)
+    var = np.array(variance.detach().cpu().numpy() if device is not None else variance, dtype=np.float64)
     if var.ndim != 3:
         raise ValueError(f"variance must be an (X, Y, Z) volume, got shape {var.shape}")
     if not np.isfinite(var).all():
