@@ -10,6 +10,7 @@ import functools
 import importlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -29,14 +30,26 @@ class BackendStatus:
         return f"{self.name}: {'available' if self.available else 'unavailable'} ({self.reason})"
 
 
+def build_hint(package_dir: Path | None = None) -> str:
+    """How to get the compiled kernels, for where this ``due_ext`` was imported from: a source checkout gets
+    the build command for that checkout; a copy without ``setup.py`` next to it (an exported bundle's
+    ``scripts/``) is told to install the package, since it cannot build one."""
+    package_dir = Path(__file__).resolve().parent if package_dir is None else package_dir
+    source_tree = package_dir.parent
+    if (source_tree / "setup.py").is_file():
+        return f"build it with `pip install --no-build-isolation -e {source_tree}`"
+    return (f"{package_dir} is a copy without its build files (e.g. an exported bundle's scripts/); install "
+            "the due-ext package from its source tree (`pip install --no-build-isolation .`) for the C++/CUDA "
+            "kernels")
+
+
 @functools.lru_cache(maxsize=1)
 def load_extension() -> tuple[bool, str]:
     """Import ``due_ext._C`` once; returns ``(loaded, reason)``."""
     try:
         importlib.import_module("due_ext._C")
     except ImportError as err:
-        return False, (f"due_ext._C is not built ({err}); build it with "
-                       "`pip install --no-build-isolation -e .`")
+        return False, f"due_ext._C is not built ({err}); {build_hint()}"
     return True, "due_ext._C loaded"
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from due_ext import backends
+from due_ext._backends import build_hint
 from due_ext.ops._dispatch import select_backend
 
 
@@ -42,3 +43,14 @@ def test_cli_lists_commands_and_backends():
     text = helps.stdout + helps.stderr  # fire writes help to stderr when not on a terminal
     for command in ("data", "backends", "demo", "report"):
         assert command in text
+
+
+def test_build_hint_names_the_checkout_or_says_to_install(tmp_path):
+    checkout = tmp_path / "checkout"
+    (checkout / "due_ext").mkdir(parents=True)
+    (checkout / "setup.py").write_text("")
+    assert build_hint(checkout / "due_ext") == f"build it with `pip install --no-build-isolation -e {checkout}`"
+    exported = tmp_path / "bundle" / "scripts" / "due_ext"
+    exported.mkdir(parents=True)
+    hint = build_hint(exported)
+    assert str(exported) in hint and "install the due-ext package" in hint and " -e " not in hint

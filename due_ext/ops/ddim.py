@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from due_ext._backends import load_extension
+from due_ext._backends import build_hint, load_extension
 from due_ext.ops._dispatch import select_backend
 from due_ext.ops.ddim_reference import Alpha, ddim_sigma, ddim_step_reference
 
@@ -202,6 +202,5 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: Alpha, alpha_prev: 
     if backend == "triton":
         return torch.ops.due_ext.ddim_step_triton(x_t, eps, a_t, a_prev, eta, noise, clip_x0)
     if not _COMPILED_OP:
-        raise RuntimeError("ddim_step: due_ext._C has no ddim_step kernel (built from older sources); rebuild it "
-                           "with `pip install --no-build-isolation -e .`")
+        raise RuntimeError(f"ddim_step: due_ext._C has no ddim_step kernel (built from older sources); {build_hint()}")
     return torch.ops.due_ext.ddim_step(x_t, eps, a_t, a_prev, eta, noise, clip_x0)
