@@ -79,6 +79,23 @@ def _run_bundle_component(name: str, config: str, component: str, overrides: dic
     return str(parser.get_parsed_content(component).run())
 
 
+#: Part of the derived-folder key besides the checkpoints: bump it when the derived numbers change without a new
+#: checkpoint, so no folder written by older code is reused. 2: the neural process's inference speed-ups (451831c)
+#: moved the weights by up to 6e-5, enough to change a DUE training run (bundles/due/docs/README.md).
+DERIVATION_VERSION = 2
+
+
+def derived_folder(datalist: str | Path, sections: tuple[str, ...]) -> Path:
+    """``<datalist folder>/derived-<key>``: the key hashes both shipped checkpoints, ``sections`` and
+    :data:`DERIVATION_VERSION`."""
+    digest = hashlib.sha1()
+    for name in ("interpolator", "uncertainty"):
+        digest.update((Path(bundle_root(name)) / "models" / "model.pt").read_bytes())
+    digest.update(json.dumps(sorted(sections)).encode())
+    digest.update(f"derivation {DERIVATION_VERSION}".encode())
+    return Path(datalist).resolve().parent / f"derived-{digest.hexdigest()[:10]}"
+
+
 def derive_uncertainty_keys(datalist: str, sections: tuple[str, ...] = ("training", "validation"),
                             normalization: str = "block") -> str:
     """Add DUE's derived keys to ``datalist`` with the shipped upstream models; returns the new datalist.
@@ -87,15 +104,11 @@ def derive_uncertainty_keys(datalist: str, sections: tuple[str, ...] = ("trainin
     uncertainty bundle's inference (``variance`` from the neural process and ``weights`` mapped with
     ``normalization``: ``"block"``, ``"volume"`` or ``"absolute"``) on ``sections``, through their own
     ``inference.json`` (so the network definitions have one home). Results go to
-    ``<datalist folder>/derived-<hash of both checkpoints and sections>/``: ``interpolator/``, and
+    ``<datalist folder>/derived-<key>/`` (:func:`derived_folder`): ``interpolator/``, and
     ``uncertainty/`` for the default mapping or ``uncertainty-<normalization>/`` for another one, so every
     mapping shares one interpolation (it does not depend on the mapping). Finished steps are reused.
     """
-    digest = hashlib.sha1()
-    for name in ("interpolator", "uncertainty"):
-        digest.update((Path(bundle_root(name)) / "models" / "model.pt").read_bytes())
-    digest.update(json.dumps(sorted(sections)).encode())
-    folder = Path(datalist).resolve().parent / f"derived-{digest.hexdigest()[:10]}"
+    folder = derived_folder(datalist, sections)
     final = folder / ("uncertainty" if normalization == "block" else f"uncertainty-{normalization}") / "datalist.json"
     if final.is_file():
         return str(final)

@@ -113,6 +113,18 @@ def test_due_method_derives_interpolation_and_weights_then_trains(tmp_path):
     assert (root / "eval" / "due" / "checkpoints" / "checkpoint_epoch=1.pt").is_file()
 
 
+def test_derived_folder_key_changes_with_sections_and_derivation_version(tmp_path, monkeypatch):
+    from due_ext import bundles
+
+    datalist = tmp_path / "datalist.json"
+    folder = bundles.derived_folder(datalist, ("training", "validation"))
+    assert folder.parent == tmp_path and folder.name.startswith("derived-")
+    assert bundles.derived_folder(datalist, ("validation", "training")) == folder  # order does not matter
+    assert bundles.derived_folder(datalist, ("training",)) != folder
+    monkeypatch.setattr(bundles, "DERIVATION_VERSION", bundles.DERIVATION_VERSION + 1)
+    assert bundles.derived_folder(datalist, ("training", "validation")) != folder  # older derivations not reused
+
+
 def test_prepared_datalist_names_missing_keys_without_derivation(tmp_path):
     from due_ext.bundles import prepared_datalist
     from due_ext.data.datalist import write_datalist
