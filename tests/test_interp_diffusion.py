@@ -275,20 +275,61 @@ def test_autoregressive_conditioning():
     assert rounds[0]["t"].tolist() == [99] * 4
 
 
-def test_sampling_is_seeded_and_chunk_invariant(tiny_model, schedule):
-    jobs = [GapJob(square(CROP, 4), square(CROP, 3), 1, (0, 1)), GapJob(square(CROP, 2), square(CROP, 5), 2, (2, 3))]
-    settings = SamplerSettings(steps=2, eta=1.0, repeats=2, seed=7, bf16=False, max_batch=64)
-    a = sample_gaps(tiny_model, schedule, jobs, settings)
-    b = sample_gaps(tiny_model, schedule, jobs, settings)
-    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-    chunked = sample_gaps(tiny_model, schedule, jobs, SamplerSettings(**{**settings.__dict__, "max_batch": 2}))
-    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a, chunked, strict=True))
-    alone = sample_gaps(tiny_model, schedule, jobs[1:], settings)  # a job's chains ignore their batch mates
-    assert torch.allclose(alone[0], a[1], atol=1e-5)
-    other = sample_gaps(tiny_model, schedule, jobs, SamplerSettings(**{**settings.__dict__, "seed": 8}))
+class ElementwiseModel(torch.nn.Module):
+    """A denoiser made of elementwise multiply-adds only: each chain's output is bitwise independent of which
+    chains share its batch (no reduction whose order depends on the batch size), so chunking and batch mates
+    can be checked for exact equality, whatever kernels the CPU picks."""
+
+    crop_size = CROP
+
+    def forward(self, x_t, timesteps, prev, next, position, span):
+        per_chain = (0.25 * position + 0.01 * span + 1e-3 * timesteps.to(x_t.dtype))[:, None, None, None]
+        return 0.5 * x_t + 0.3 * prev - 0.2 * next + per_chain
+
+
+JOBS = [GapJob(square(CROP, 4), square(CROP, 3), 1, (0, 1)), GapJob(square(CROP, 2), square(CROP, 5), 2, (2, 3))]
+SETTINGS = SamplerSettings(steps=2, eta=1.0, repeats=2, seed=7, bf16=False, max_batch=64)
+
+
+def with_settings(**changes) -> SamplerSettings:
+    return SamplerSettings(**{**SETTINGS.__dict__, **changes})
+
+
+def test_sampling_bookkeeping_is_seeded_and_chunk_invariant(schedule):
+    """Seeds, chain order, chunking and batch mates: exact, because the model's arithmetic is batch-independent
+    (a real network's is not; see the next test)."""
+    model = ElementwiseModel()
+    a = sample_gaps(model, schedule, JOBS, SETTINGS)
+    assert all(torch.equal(x, y) for x, y in zip(a, sample_gaps(model, schedule, JOBS, SETTINGS), strict=True))
+    chunked = sample_gaps(model, schedule, JOBS, with_settings(max_batch=2))
+    assert all(torch.equal(x, y) for x, y in zip(a, chunked, strict=True))
+    alone = sample_gaps(model, schedule, JOBS[1:], SETTINGS)  # a job's chains ignore their batch mates
+    assert torch.equal(alone[0], a[1])
+    other = sample_gaps(model, schedule, JOBS, with_settings(seed=8))
     assert not torch.allclose(a[0], other[0])
     assert all(((x >= 0) & (x <= 1)).all() for x in a)
     assert not torch.equal(a[0][0], a[0][1])  # repeats differ
+
+
+# Float32 bound for the real UNet, whose convolutions oneDNN may run with other kernels (another summation order)
+# for another batch size: each of the network's ~20 layers sums at most K = 16 channels x 3 x 3 = 144 products
+# of O(1) terms, so reordering moves an activation by at most ~K * 2**-24 = 8.6e-6 relative, and the layers add
+# up to ~1.7e-4; two DDIM steps with |coefficients| <= ~3 and outputs in [0, 1] after (x + 1) / 2 keep it under
+# 1e-3. Bitwise equality is not a property of the sampler, and only round 0 is compared: later rounds condition
+# on a binarised slice, where a 1-ulp difference at the threshold legitimately flips a pixel of the condition.
+FLOAT32_REORDER_TOL = 1e-3
+
+
+def test_sampling_with_a_real_network_is_seeded_and_nearly_chunk_invariant(tiny_model, schedule):
+    a = sample_gaps(tiny_model, schedule, JOBS, SETTINGS)
+    b = sample_gaps(tiny_model, schedule, JOBS, SETTINGS)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))  # same batches: same kernels, same bits
+    chunked = sample_gaps(tiny_model, schedule, JOBS, with_settings(max_batch=2))
+    alone = sample_gaps(tiny_model, schedule, JOBS[1:], SETTINGS)
+    for reference, other in ((a[0], chunked[0]), (a[1], chunked[1]), (a[1], alone[0])):
+        assert (reference[:, 0] - other[:, 0]).abs().max() <= FLOAT32_REORDER_TOL
+    other_seed = sample_gaps(tiny_model, schedule, JOBS, with_settings(seed=8))
+    assert (a[0] - other_seed[0]).abs().max() > 100 * FLOAT32_REORDER_TOL  # the seed matters far beyond rounding
 
 
 def test_sampler_settings_validation():
