@@ -4,6 +4,10 @@
   precision, recall, F1, specificity.
 - :mod:`due_ext.metrics.explanation`: explanation IoU / precision / recall / F1 at a threshold and swept,
   activation recall, annotation coverage, saliency precision.
+- :mod:`due_ext.metrics.localisation`: resolution-robust localisation: pointing game, energy pointing game,
+  mask AUROC, IoU at the best threshold.
+- :mod:`due_ext.metrics.floors`: the floors every method is compared with: a centred Gaussian blob of the mean
+  lesion size and the Grad-CAM of the network at initialisation.
 - :mod:`due_ext.metrics.faithfulness`: comprehensiveness and sufficiency.
 """
 
@@ -16,6 +20,15 @@ from due_ext.metrics.explanation import (
     saliency_precision,
 )
 from due_ext.metrics.faithfulness import comprehensiveness, remove_region, sufficiency
+from due_ext.metrics.floors import gaussian_blob, initial_cam, mean_lesion_voxels
+from due_ext.metrics.localisation import (
+    LOCALISATION_THRESHOLDS,
+    best_threshold_iou,
+    energy_pointing_game,
+    localisation_scores,
+    mask_auroc,
+    pointing_game,
+)
 from due_ext.metrics.prediction import (
     average_precision,
     classification_scores,
@@ -26,13 +39,22 @@ from due_ext.metrics.prediction import (
 
 __all__ = [
     "EXPLANATION_THRESHOLDS",
+    "LOCALISATION_THRESHOLDS",
     "activation_recall",
     "annotation_coverage",
     "average_precision",
+    "best_threshold_iou",
     "classification_scores",
     "comprehensiveness",
+    "energy_pointing_game",
     "explanation_scores",
     "explanation_sweep",
+    "gaussian_blob",
+    "initial_cam",
+    "localisation_scores",
+    "mask_auroc",
+    "mean_lesion_voxels",
+    "pointing_game",
     "pr_auc_trapezoid",
     "precision_recall_curve",
     "remove_region",
