@@ -31,6 +31,7 @@ from due_ext.data import schema
 from due_ext.data.annotated_items import collect_annotated_items
 from due_ext.data.datalist import SECTIONS, write_datalist
 from due_ext.data.nifti import write_nifti
+from due_ext.data.shards import DEFAULT_UNIT_SIZE, barrier, current_shard, derive_in_units
 from due_ext.engines.checkpoints import load_network_weights
 from due_ext.interp.blocks import split_blocks
 from due_ext.interp.diffusion.crops import crop_window, extract_crop, paste_crop
@@ -126,13 +127,15 @@ class UncertaintyInference:
         datalist_name: file name of the updated datalist inside ``output_dir``.
         batch_size: blocks per forward pass.
         device: torch device.
+        unit_size: items derived together (:mod:`due_ext.data.shards`); results depend on it, not on the
+            number of processes.
     """
 
     def __init__(self, network: nn.Module, datalist: str | os.PathLike, output_dir: str | os.PathLike,
                  model_path: str | os.PathLike | None, sections: Sequence[str] = SECTIONS,
                  normalization: str = "block", max_variance: float = 0.25, outside: float = 1.0,
-                 datalist_name: str = "datalist.json", batch_size: int = 64, device: str | torch.device = "cpu"
-                 ) -> None:
+                 datalist_name: str = "datalist.json", batch_size: int = 64, device: str | torch.device = "cpu",
+                 unit_size: int = DEFAULT_UNIT_SIZE) -> None:
         self.network = network
         if model_path is not None:
             load_uncertainty_weights(network, model_path)
@@ -143,6 +146,7 @@ class UncertaintyInference:
         self.datalist_name = datalist_name
         self.batch_size = int(batch_size)
         self.device = device
+        self.unit_size = int(unit_size)
 
     def run(self) -> Path:
         """Predict every annotated item; returns the path of the updated datalist."""
@@ -153,14 +157,28 @@ class UncertaintyInference:
         out_payload, todo = collect_annotated_items(self.datalist, self.sections)
         logger.info("predicting the uncertainty of %d annotated items", len(todo))
         self.network.to(self.device)
-        variances = predict_volume_variance(self.network, [t.annotation for t in todo], [t.slices for t in todo],
-                                            batch_size=self.batch_size, device=self.device)
-        for item, variance in zip(todo, variances, strict=True):
-            weights = uncertainty_weights(variance, item.slices, **self.weight_options)
-            item.entry[schema.VARIANCE] = str(write_nifti(
-                self.output_dir / "variance" / f"{item.name}.nii.gz", variance, item.affine).resolve())
-            item.entry[schema.WEIGHTS] = str(write_nifti(
-                self.output_dir / "weights" / f"{item.name}.nii.gz", weights, item.affine).resolve())
-        destination = write_datalist(self.output_dir / self.datalist_name, out_payload)
-        logger.info("wrote %s", destination)
+
+        def predict_unit(unit: range) -> list[dict[str, str]]:
+            items = [todo[i] for i in unit]
+            variances = predict_volume_variance(self.network, [t.annotation for t in items],
+                                                [t.slices for t in items], batch_size=self.batch_size,
+                                                device=self.device)
+            entries = []
+            for item, variance in zip(items, variances, strict=True):
+                weights = uncertainty_weights(variance, item.slices, **self.weight_options)
+                entries.append({key: str(write_nifti(self.output_dir / key / f"{item.name}.nii.gz", volume,
+                                                     item.affine).resolve())
+                                for key, volume in ((schema.VARIANCE, variance), (schema.WEIGHTS, weights))})
+            return entries
+
+        shard = current_shard()
+        entries = derive_in_units([t.name for t in todo], predict_unit, self.output_dir / "units", shard,
+                                  self.unit_size)
+        destination = self.output_dir / self.datalist_name
+        if entries is not None:
+            for item, entry in zip(todo, entries, strict=True):
+                item.entry.update(entry)
+            write_datalist(destination, out_payload)
+            logger.info("wrote %s", destination)
+        barrier(shard)  # the others read the datalist next
         return destination

@@ -26,6 +26,7 @@ from due_ext.data import schema
 from due_ext.data.annotated_items import collect_annotated_items
 from due_ext.data.datalist import SECTIONS, write_datalist
 from due_ext.data.nifti import write_nifti
+from due_ext.data.shards import DEFAULT_UNIT_SIZE, barrier, current_shard, derive_in_units
 from due_ext.interp.blocks import split_blocks
 from due_ext.interp.diffusion.crops import crop_window, extract_crop, paste_crop
 from due_ext.interp.diffusion.model import SliceInterpolationUNet, noise_schedule
@@ -56,17 +57,22 @@ def load_interpolator_weights(model: nn.Module, path: str | os.PathLike, map_loc
 def interpolate_volumes(model: nn.Module, annotations: Sequence[np.ndarray], annotated_slices: Sequence[Sequence[int]],
                         settings: SamplerSettings | None = None, alphas_cumprod: torch.Tensor | None = None,
                         crop_size: int | None = None, device: torch.device | str = "cpu",
-                        progress: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+                        progress: bool = False, volume_ids: Sequence[int] | None = None
+                        ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Fill the gaps of sparse ``(X, Y, Z)`` annotations (slices along Z) with the diffusion model.
 
-    All blocks of all volumes and all repeats are sampled together. Returns ``(interpolation, variance)``
-    float32 ``(X, Y, Z)`` arrays per volume.
+    All blocks of all volumes and all repeats are sampled together. ``volume_ids`` (default ``0, 1, ...``) seed
+    each volume's chains, so a volume gets the same noise whichever call it is part of. Returns
+    ``(interpolation, variance)`` float32 ``(X, Y, Z)`` arrays per volume.
     """
     settings = settings or SamplerSettings()
     alphas_cumprod = noise_schedule() if alphas_cumprod is None else alphas_cumprod
     crop_size = int(crop_size or getattr(model, "crop_size", 32))
     if len(annotations) != len(annotated_slices):
         raise ValueError(f"{len(annotations)} annotations but {len(annotated_slices)} annotated-slice lists")
+    volume_ids = list(range(len(annotations))) if volume_ids is None else [int(i) for i in volume_ids]
+    if len(volume_ids) != len(annotations):
+        raise ValueError(f"{len(annotations)} annotations but {len(volume_ids)} volume ids")
     results, jobs, placements = [], [], []
     for v, (annotation, slices) in enumerate(zip(annotations, annotated_slices, strict=True)):
         annotation = np.asarray(annotation)
@@ -84,7 +90,7 @@ def interpolate_volumes(model: nn.Module, annotations: Sequence[np.ndarray], ann
             if window is None:  # both bounds empty: nothing to interpolate
                 continue
             jobs.append(GapJob(extract_crop(lower, window, crop_size), extract_crop(upper, window, crop_size),
-                               block.gap, (v, block.start, block.stop)))
+                               block.gap, (volume_ids[v], block.start, block.stop)))
             placements.append((v, block, window))
         results.append((mean, variance))
     samples = sample_gaps(model, alphas_cumprod, jobs, settings, device=device, progress=progress)
@@ -112,12 +118,14 @@ class DiffusionInterpolation:
         settings: sampler settings (steps, eta, repeats, seed, max_batch, bf16).
         datalist_name: file name of the updated datalist inside ``output_dir``.
         device: torch device.
+        unit_size: items derived together (:mod:`due_ext.data.shards`); results depend on it, not on the
+            number of processes.
     """
 
     def __init__(self, network: nn.Module, datalist: str | os.PathLike, output_dir: str | os.PathLike,
                  model_path: str | os.PathLike | None, sections: Sequence[str] = SECTIONS,
                  settings: SamplerSettings | dict | None = None, datalist_name: str = "datalist.json",
-                 device: str = "cpu", progress: bool = True) -> None:
+                 device: str = "cpu", progress: bool = True, unit_size: int = DEFAULT_UNIT_SIZE) -> None:
         self.network = network
         if model_path is not None:
             load_interpolator_weights(network, model_path)
@@ -128,21 +136,35 @@ class DiffusionInterpolation:
         self.datalist_name = datalist_name
         self.device = device
         self.progress = progress
+        self.unit_size = int(unit_size)
 
     def run(self) -> Path:
-        """Interpolate every annotated item; returns the path of the updated datalist."""
+        """Interpolate every annotated item; returns the path of the updated datalist.
+
+        Under torch.distributed each process derives its share of the items (:mod:`due_ext.data.shards`) and
+        the main process writes the datalist; a rerun reuses every unit already derived."""
         out_payload, todo = collect_annotated_items(self.datalist, self.sections)
         logger.info("interpolating %d annotated items with %s", len(todo), self.settings)
         self.network.to(self.device)
-        results = interpolate_volumes(self.network, [t.annotation for t in todo], [t.slices for t in todo],
-                                      self.settings, device=self.device, progress=self.progress)
-        for item, (mean, variance) in zip(todo, results, strict=True):
-            item.entry[schema.INTERPOLATION] = str(write_nifti(
-                self.output_dir / "interpolation" / f"{item.name}.nii.gz", mean, item.affine).resolve())
-            item.entry[schema.VARIANCE] = str(write_nifti(
-                self.output_dir / "variance" / f"{item.name}.nii.gz", variance, item.affine).resolve())
-        destination = write_datalist(self.output_dir / self.datalist_name, out_payload)
-        logger.info("wrote %s", destination)
+
+        def interpolate_unit(unit: range) -> list[dict[str, str]]:
+            items = [todo[i] for i in unit]
+            results = interpolate_volumes(self.network, [t.annotation for t in items], [t.slices for t in items],
+                                          self.settings, device=self.device, volume_ids=list(unit))
+            return [{key: str(write_nifti(self.output_dir / key / f"{item.name}.nii.gz", volume, item.affine)
+                              .resolve()) for key, volume in ((schema.INTERPOLATION, mean), (schema.VARIANCE, var))}
+                    for item, (mean, var) in zip(items, results, strict=True)]
+
+        shard = current_shard()
+        entries = derive_in_units([t.name for t in todo], interpolate_unit, self.output_dir / "units", shard,
+                                  self.unit_size, progress=self.progress)
+        destination = self.output_dir / self.datalist_name
+        if entries is not None:
+            for item, entry in zip(todo, entries, strict=True):
+                item.entry.update(entry)
+            write_datalist(destination, out_payload)
+            logger.info("wrote %s", destination)
+        barrier(shard)  # the others read the datalist next
         return destination
 
 
