@@ -111,6 +111,7 @@ def test_metrics_survive_a_coarse_map_that_iou_at_half_punishes():
 def test_mean_lesion_voxels_skips_empty_masks():
     masks = _batch([1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1])
     assert mean_lesion_voxels(masks) == 3.0
+    assert mean_lesion_voxels([torch.ones(2, 2), torch.zeros(3), torch.ones(1, 2, 3)]) == 5.0  # any shapes
     with pytest.raises(ValueError, match="every mask is empty"):
         mean_lesion_voxels(torch.zeros(2, 3, 3))
 

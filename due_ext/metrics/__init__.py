@@ -20,7 +20,7 @@ from due_ext.metrics.explanation import (
     saliency_precision,
 )
 from due_ext.metrics.faithfulness import comprehensiveness, remove_region, sufficiency
-from due_ext.metrics.floors import gaussian_blob, initial_cam, mean_lesion_voxels
+from due_ext.metrics.floors import gaussian_blob, initial_cam, initial_network, mean_lesion_voxels, network_cam
 from due_ext.metrics.localisation import (
     LOCALISATION_THRESHOLDS,
     best_threshold_iou,
@@ -51,9 +51,11 @@ __all__ = [
     "explanation_sweep",
     "gaussian_blob",
     "initial_cam",
+    "initial_network",
     "localisation_scores",
     "mask_auroc",
     "mean_lesion_voxels",
+    "network_cam",
     "pointing_game",
     "pr_auc_trapezoid",
     "precision_recall_curve",

@@ -25,13 +25,14 @@ from torch import nn
 from due_ext.explain.gradcam import grad_cam
 
 
-def mean_lesion_voxels(masks: torch.Tensor) -> float:
-    """Mean voxel count of the non-empty binary masks in ``(B, ...)``; raises when every mask is empty."""
-    counts = (masks.detach().flatten(1) > 0.5).sum(1)
-    counts = counts[counts > 0]
-    if counts.numel() == 0:
+def mean_lesion_voxels(masks: torch.Tensor | Sequence[torch.Tensor]) -> float:
+    """Mean voxel count of the non-empty binary masks (a ``(B, ...)`` batch or a sequence of masks of any
+    shapes); raises when every mask is empty."""
+    counts = [int((mask.detach() > 0.5).sum()) for mask in masks]
+    counts = [count for count in counts if count > 0]
+    if not counts:
         raise ValueError("mean_lesion_voxels: every mask is empty, so there is no lesion size to match")
-    return float(counts.double().mean())
+    return sum(counts) / len(counts)
 
 
 def gaussian_blob(shape: Sequence[int], lesion_voxels: float,
@@ -60,17 +61,27 @@ def gaussian_blob(shape: Sequence[int], lesion_voxels: float,
     return torch.exp(-exponent / 2)
 
 
-def initial_cam(network_factory: Callable[[], nn.Module], images: torch.Tensor, seed: int,
-                target_layer: str = "layer4", class_index: torch.Tensor | int | None = None) -> torch.Tensor:
-    """Grad-CAM ``(B, X, Y, Z)`` in [0, 1] of ``network_factory()`` built under ``torch.manual_seed(seed)``
-    (the global random state is restored afterwards), in eval mode, for ``images`` ``(B, C, X, Y, Z)``.
-
-    ``class_index`` as :func:`~due_ext.explain.gradcam.grad_cam` (``None``: the predicted class, as the
-    evaluator explains the trained network)."""
+def initial_network(network_factory: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """``network_factory()`` built under ``torch.manual_seed(seed)``, in eval mode; the caller's global random
+    state is restored afterwards."""
     with torch.random.fork_rng(devices=[]):  # the CPU generator only: factories build on the CPU
         torch.manual_seed(seed)
         network = network_factory()
-    network = network.to(images.device).eval()
+    return network.eval()
+
+
+def network_cam(network: nn.Module, images: torch.Tensor, target_layer: str = "layer4",
+                class_index: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Detached Grad-CAM ``(B, X, Y, Z)`` in [0, 1] of ``network`` (moved to the images' device, mode unchanged)
+    for ``images`` ``(B, C, X, Y, Z)``; ``class_index`` as :func:`~due_ext.explain.gradcam.grad_cam` (``None``:
+    the predicted class, as the evaluator explains the trained network)."""
+    network = network.to(images.device)
     with torch.enable_grad():  # a head other than GAP + linear needs autograd for the channel weights
         cam = grad_cam(network, images, class_index=class_index, target_layer=target_layer)
     return cam[:, 0].detach()
+
+
+def initial_cam(network_factory: Callable[[], nn.Module], images: torch.Tensor, seed: int,
+                target_layer: str = "layer4", class_index: torch.Tensor | int | None = None) -> torch.Tensor:
+    """The Grad-CAM floor: :func:`network_cam` of :func:`initial_network` ``(network_factory, seed)``."""
+    return network_cam(initial_network(network_factory, seed), images, target_layer, class_index)

@@ -16,6 +16,8 @@ from due_ext.metrics.prediction import classification_scores
 EVALUATION_FILE = "evaluation.npz"
 REPORT_THRESHOLD = 0.5
 SCORE_NAMES = ("iou", "precision", "recall", "f1")
+#: Key prefix of the floors' per-positive scores in ``evaluation.npz``: ``floor/<floor>/<metric>``.
+FLOOR_PREFIX = "floor/"
 
 
 def load_evaluation(run_dir: str | Path) -> dict[str, np.ndarray]:
@@ -28,13 +30,18 @@ def load_evaluation(run_dir: str | Path) -> dict[str, np.ndarray]:
 
 
 def _mean_std(values: np.ndarray) -> dict[str, float]:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": int(values.size)}
+    """Mean, population std and count of the finite values (a localisation metric is nan for an empty mask)."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": float(np.mean(finite)), "std": float(np.std(finite)), "n": int(finite.size)}
 
 
 def summarize_evaluation(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     """Metrics of one evaluation: ``prediction`` (all items), ``explanation`` (positives with a mask, at
-    threshold 0.5, mean/std/n), ``explanation_sweep`` (mean IoU/precision/recall/F1 per threshold) and the
-    soft and faithfulness scores (mean/std/n)."""
+    threshold 0.5, mean/std/n, plus the soft, localisation and faithfulness scores), ``explanation_sweep`` (mean
+    IoU/precision/recall/F1 per threshold) and ``floors`` (the same explanation and localisation scores of the
+    Gaussian-blob and initial-network floors, and the blob's ``lesion_voxels``)."""
     labels, probs = arrays["label"].reshape(-1), arrays["prob"]
     summary: dict[str, Any] = {"n_items": int(labels.size), "n_positives": int((labels == 1).sum()),
                                "prediction": classification_scores(labels, probs[:, 1])}
@@ -52,6 +59,13 @@ def summarize_evaluation(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     summary["explanation_sweep"] = {
         f"{t:.1f}": {name: float(np.mean(positives[f"{name}@{t:.1f}"])) for name in SCORE_NAMES}
         for t in arrays["thresholds"]}
+    floors: dict[str, dict[str, Any]] = {}
+    for key, values in arrays.items():
+        if key.startswith(FLOOR_PREFIX):
+            floor, name = key[len(FLOOR_PREFIX):].split("/", 1)
+            floors.setdefault(floor, {})[name] = (float(values[0]) if name == "lesion_voxels"
+                                                  else _mean_std(values))
+    summary["floors"] = {floor: dict(sorted(scores.items())) for floor, scores in sorted(floors.items())}
     return summary
 
 
@@ -61,6 +75,10 @@ def _csv_rows(summary: dict[str, Any]) -> list[tuple[str, str, float]]:
         rows += [("explanation", f"{name}_{s}", stats[s]) for s in ("mean", "std")]
     for t, scores in summary.get("explanation_sweep", {}).items():
         rows += [("explanation_sweep", f"{name}@{t}", v) for name, v in scores.items()]
+    for floor, scores in summary.get("floors", {}).items():
+        for name, stats in scores.items():
+            rows += ([(f"floor_{floor}", name, stats)] if not isinstance(stats, dict)
+                     else [(f"floor_{floor}", f"{name}_{s}", stats[s]) for s in ("mean", "std")])
     return rows
 
 
