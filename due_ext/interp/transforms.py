@@ -25,7 +25,8 @@ class ClassicalFilld(MapTransform):
     :class:`due_ext.data.transforms.SparseAnnotationd`); an item with no annotated slice gets zeros.
 
     Args:
-        method: ``nearest``, ``linear`` or ``sdf`` (see :mod:`due_ext.interp.classical`).
+        method: any of :data:`due_ext.interp.classical.CLASSICAL_METHODS` (``nearest``, ``linear``,
+            ``linear_union``, ``sdf``, ``morphological``; see :mod:`due_ext.interp.classical`).
         output_key: key to write.
     """
 
