@@ -63,7 +63,7 @@ class DataCommands:
 class InterpCommands:
     """Evaluate slice interpolators (diffusion and the classical peers)."""
 
-    def evaluate(self, masks: str, every_k: str = "2,3,4", methods: str = "diffusion,sdf,linear,nearest",
+    def evaluate(self, masks: str, every_k: str = "2,3,4", methods: str = "all",
                  axis: int = 2, out: str = "results.json", sections: str = "test", model_path: str | None = None,
                  steps: int = 10, eta: float = 1.0, repeats: int = 8, seed: int = 0, bf16: bool = False) -> None:
         """Sparsify full 3D masks (every k-th slice between the first and last foreground slice), fill them back
@@ -72,7 +72,8 @@ class InterpCommands:
         Args:
             masks: a folder of NIfTI masks, or a datalist whose items have a "mask" volume.
             every_k: slice steps to test, e.g. "2,3,4".
-            methods: any of diffusion, sdf, linear, nearest (comma-separated).
+            methods: "all" (diffusion and every classical peer; morphological only when the itk extra is
+                installed) or any of diffusion, sdf, morphological, linear_union, linear, nearest (comma-separated).
             axis: array axis of the slices (2 = the stored third axis, Z).
             out: results JSON; the markdown table is written beside it (.md).
             sections: datalist sections to read (ignored for a folder).

@@ -134,3 +134,27 @@ def test_cli_evaluate(tmp_path, capsys):
     assert results["every_k"] == [2, 3] and set(results["per_k"]["2"]) == {"sdf", "nearest"}
     assert out.with_suffix(".md").read_text().startswith("| method |")
     assert "| sdf |" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")  # ITK's SWIG
+def test_all_methods_include_the_new_peers_and_skip_morphological_without_itk(monkeypatch):
+    import sys
+
+    from due_ext.interp.evaluate import METHODS, resolve_methods
+
+    assert resolve_methods("all") == (list(METHODS), {})  # the itk extra is part of the test extra
+    assert {"linear_union", "morphological"} <= set(METHODS)
+    results = evaluate_interpolators([("prism", cylinder())], every_k=[2, 4], methods=["linear_union", "morphological"])
+    for k in ("2", "4"):  # a prism: every classical peer is exact
+        for method in ("linear_union", "morphological"):
+            assert results["per_k"][k][method]["dice_missing_mean"] == pytest.approx(1.0)
+    monkeypatch.setitem(sys.modules, "itk", None)  # as if the itk extra were not installed
+    with pytest.warns(UserWarning, match=r"due-ext\[itk\]"):
+        methods, skipped = resolve_methods("all")
+    assert methods == [m for m in METHODS if m != "morphological"] and set(skipped) == {"morphological"}
+    assert resolve_methods("sdf,morphological") == (["sdf", "morphological"], {})  # explicit: kept, fails below
+    with pytest.raises(ModuleNotFoundError, match=r"due-ext\[itk\]"):
+        evaluate_interpolators([("c", cylinder())], methods=["sdf", "morphological"])
+    results = evaluate_interpolators([("c", cylinder())], every_k=[2], methods=["sdf"])
+    results["skipped"] = skipped
+    assert "Not run: morphological (method 'morphological' needs" in markdown_table(results)

@@ -8,6 +8,9 @@ always kept; :func:`due_ext.data.builders.sparse.sparse_slices`), fill the rest 
 - ``dice_whole``: Dice on the whole volume (kept slices included, so it is higher).
 
 Soft outputs (linear, diffusion mean) are binarised at 0.5 (strictly greater). Both-empty Dice is 1.
+Methods: ``diffusion`` and every classical peer of :mod:`due_ext.interp.classical`; ``"all"`` (the command's
+default) is all of them, less ``morphological`` with a warning (and a note under the table) when its optional
+dependency is not installed; naming it explicitly without the dependency is an error.
 Per ``k`` and method we report the mean and standard deviation over masks; a mask with no removed slice
 at that ``k`` (lesion spanning fewer than ``k + 1`` slices) counts for ``dice_whole`` only. Slices are taken
 along the mask's ``axis`` (default 2, the stored third array axis). The diffusion interpolator fills the
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,12 @@ from due_ext.data import schema
 from due_ext.data.builders.sparse import sparse_slices, sparsify
 from due_ext.data.datalist import read_datalist, write_json_atomic
 from due_ext.data.nifti import read_nifti
-from due_ext.interp.classical import CLASSICAL_METHODS, interpolate_gaps
+from due_ext.interp.classical import (
+    CLASSICAL_METHODS,
+    MORPHOLOGICAL_MISSING,
+    interpolate_gaps,
+    morphological_available,
+)
 from due_ext.metrics.segmentation import dice
 
 METHODS = ("diffusion", *CLASSICAL_METHODS)
@@ -88,6 +97,8 @@ def evaluate_interpolators(masks: Sequence[tuple[str, np.ndarray]], every_k: Seq
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if "diffusion" in methods and model is None:
         raise ValueError("method 'diffusion' needs a model (the trained interpolator)")
+    if "morphological" in methods and not morphological_available():
+        raise ModuleNotFoundError(MORPHOLOGICAL_MISSING)  # before any sampling, not after it
     if any(int(k) < 2 for k in every_k):
         raise ValueError(f"every_k values must be >= 2 (k = 1 removes nothing), got {list(every_k)}")
     volumes = [(name, np.moveaxis(np.asarray(mask), axis, -1)) for name, mask in masks]
@@ -144,6 +155,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     counts = ", ".join(f"k={k}: {results['per_k'][str(k)][results['methods'][0]]['n_with_missing']}" for k in ks)
     lines.append("")
     lines.append(f"{results['n_masks']} masks; masks with removed slices per k: {counts}. Mean Dice over masks.")
+    for method, reason in results.get("skipped", {}).items():
+        lines.append(f"Not run: {method} ({reason}).")
     return "\n".join(lines)
 
 
@@ -166,18 +179,30 @@ def parse_methods(value: str | Sequence[str]) -> list[str]:
     return _parse_list(value, str)
 
 
+def resolve_methods(value: str | Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Method names and the ones skipped (``{name: reason}``): ``"all"`` is :data:`METHODS` less
+    ``morphological`` when ITK is missing (warned); anything else is parsed as given."""
+    methods = parse_methods(value)
+    if methods != ["all"]:
+        return methods, {}
+    if morphological_available():
+        return list(METHODS), {}
+    warnings.warn(f"skipping {MORPHOLOGICAL_MISSING}", stacklevel=2)
+    return [m for m in METHODS if m != "morphological"], {"morphological": MORPHOLOGICAL_MISSING}
+
+
 def shipped_model_path() -> Path:
     """Where the bundle's trained weights live in a source checkout: ``bundles/interpolator/models/model.pt``."""
     return Path(__file__).resolve().parents[2] / "bundles" / "interpolator" / "models" / "model.pt"
 
 
 def run_evaluation(masks: str | os.PathLike, every_k: str | Sequence[int] = (2, 3, 4),
-                   methods: str | Sequence[str] = METHODS, axis: int = 2, out: str | os.PathLike = "results.json",
+                   methods: str | Sequence[str] = "all", axis: int = 2, out: str | os.PathLike = "results.json",
                    sections: str | Sequence[str] = ("test",), model_path: str | os.PathLike | None = None,
                    steps: int = 10, eta: float = 1.0, repeats: int = 8, seed: int = 0, bf16: bool = False,
                    max_batch: int = 64, progress: bool = True) -> dict[str, Any]:
     """Load masks, evaluate every method, write ``out`` (JSON) and ``out`` with ``.md``; returns the results."""
-    method_list = parse_methods(methods)
+    method_list, skipped = resolve_methods(methods)
     pairs = load_masks_for_evaluation(masks, _parse_list(sections, str))
     model = settings = None
     if "diffusion" in method_list:
@@ -189,6 +214,8 @@ def run_evaluation(masks: str | os.PathLike, every_k: str | Sequence[int] = (2, 
     results = evaluate_interpolators(pairs, parse_every_k(every_k), method_list, axis=axis, model=model,
                                      settings=settings, progress=progress)
     results["source"] = str(masks)
+    if skipped:
+        results["skipped"] = skipped
     if settings is not None:
         results["sampler"] = {"steps": steps, "eta": eta, "repeats": repeats, "seed": seed, "bf16": bf16,
                               "model_path": str(model_path or shipped_model_path())}
