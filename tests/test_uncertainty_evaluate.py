@@ -13,7 +13,14 @@ from due_ext.data.nifti import write_nifti
 from due_ext.interp.diffusion.model import SliceInterpolationUNet
 from due_ext.interp.diffusion.sampling import SamplerSettings
 from due_ext.metrics.uncertainty import classical_disagreement, edge_proximity, spearman
-from due_ext.uncertainty.evaluate import SCORES, evaluate_uncertainty, network_from_bundle
+from due_ext.uncertainty.evaluate import (
+    SCORES,
+    block_scores,
+    evaluate_uncertainty,
+    markdown_table,
+    network_from_bundle,
+    summarise,
+)
 from due_ext.uncertainty.model import NeuralProcessUncertainty
 
 
@@ -45,6 +52,38 @@ def test_edge_proximity_hand_made():
 def test_classical_disagreement_is_the_variance_of_the_three():
     assert classical_disagreement(np.ones(3), np.ones(3), np.ones(3)).tolist() == [0.0, 0.0, 0.0]
     assert classical_disagreement([1.0], [0.5], [0.0])[0] == pytest.approx(np.var([1.0, 0.5, 0.0]))
+
+
+def test_block_scores_edge_proximity_of_the_sdf_fill_and_np_margin():
+    lower = np.zeros((9, 9), np.float32)
+    lower[2:7, 2:7] = 1  # 5x5
+    upper = np.zeros((9, 9), np.float32)
+    upper[3:6, 3:6] = 1  # 3x3, same centre
+    truth = np.zeros((1, 9, 9), np.float32)
+    truth[0, 2:7, 2:7] = 1
+    wrong = np.zeros((1, 9, 9), np.float32)  # a diffusion mean that drew nothing
+    block = {"lower": lower, "upper": upper, "truth": truth, "gap": 1}
+    scores = block_scores(block, wrong, np.zeros_like(wrong), np.zeros_like(wrong))
+    # SDF fill of the gap slice at t = 0.5: the rim of the 5x5 (-1 below, +1 above) ties and is kept, its corners
+    # (+sqrt 2 above) are not: the 5x5 square less its 4 corners
+    sdf_fill = np.zeros((1, 9, 9), np.float32)
+    sdf_fill[0, 2:7, 2:7] = 1
+    sdf_fill[0, [2, 2, 6, 6], [2, 6, 2, 6]] = 0
+    np.testing.assert_allclose(scores["edge_proximity_sdf"], edge_proximity(sdf_fill, [1]))
+    # centre: the nearest background voxel is a cut corner, sqrt(8) away; one slice from an annotation: 1 + 1
+    assert scores["edge_proximity_sdf"][0, 4, 4] == pytest.approx(np.exp(-np.sqrt(8.0) / 2.0))
+    # the empty diffusion mean has no boundary: its edge proximity falls back to the union of the two slices
+    assert scores["edge_proximity"][0, 4, 4] == pytest.approx(1.0)
+    assert scores["error"].sum() == 25
+    # margin = NP AUROC minus the best other AUROC: a perfect NP score against the rest
+    perfect = dict(scores, np_variance=truth.copy())
+    summary = summarise([perfect])
+    assert summary["auroc"]["np_variance"] == pytest.approx(1.0)
+    others = [v for k, v in summary["auroc"].items() if k != "np_variance"]
+    assert summary["np_margin"] == pytest.approx(1.0 - max(others))
+    table = markdown_table({"every_k": [2], "per_k": {"2": summary}, "all": summary})
+    assert "AUROC edge proximity (SDF)" in table and table.splitlines()[0].count("|") == len(SCORES) + 6
+    assert table.splitlines()[2].endswith(f"| {summary['np_margin']:+.3f} |")
 
 
 def tiny_masks() -> list[tuple[str, np.ndarray]]:

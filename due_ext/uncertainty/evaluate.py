@@ -9,14 +9,16 @@ models see; all scores on the same voxels of the missing slices):
 - the diffusion interpolator fills every block ``repeats`` times in one batched run: ``interpolation`` = mean,
   ``diffusion variance`` = population variance;
 - the neural process predicts its variance in one pass (``np variance``);
-- the two cheap baselines (:mod:`due_ext.metrics.uncertainty`): ``edge proximity`` of the diffusion
-  interpolation (binarised at 0.5, slice distance to the nearer kept slice) and the ``classical disagreement``
-  of the nearest, linear and SDF interpolations of the block.
+- the cheap baselines (:mod:`due_ext.metrics.uncertainty`), which need no training: ``edge proximity`` of the
+  diffusion interpolation (binarised at 0.5, slice distance to the nearer kept slice), ``edge proximity (SDF)``,
+  the same heuristic on the classical SDF fill of the block (it needs no diffusion sampling at all), and the
+  ``classical disagreement`` of the nearest, linear and SDF interpolations of the block.
 
 Reported per ``k`` and over all ``k`` (``"all"``): Spearman between np and diffusion variance pooled over all
 voxels (``spearman``) and its mean over blocks (``spearman_block_mean``, blocks with a constant map skipped);
 AUROC of each score for "the interpolation is wrong here" (diffusion mean > 0.5 differs from the true mask,
-:func:`due_ext.metrics.prediction.roc_auc`); the error rate and the counts.
+:func:`due_ext.metrics.prediction.roc_auc`); ``np_margin``: the NP's AUROC minus the best AUROC of the other
+(cheap) scores, the diffusion variance included; the error rate and the counts.
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ from due_ext.metrics.prediction import roc_auc
 from due_ext.metrics.uncertainty import classical_disagreement, edge_proximity, spearman
 from due_ext.uncertainty.inference import predict_block_variance
 
-SCORES = ("np_variance", "diffusion_variance", "edge_proximity", "classical_disagreement")
+SCORES = ("np_variance", "diffusion_variance", "edge_proximity", "edge_proximity_sdf", "classical_disagreement")
+#: Column titles of the markdown table, one per score.
+SCORE_TITLES = {"np_variance": "NP var", "diffusion_variance": "diffusion var", "edge_proximity": "edge proximity",
+                "edge_proximity_sdf": "edge proximity (SDF)", "classical_disagreement": "classical disagreement"}
 
 
 def network_from_bundle(config_file: str | os.PathLike, weights: str | os.PathLike | None = None) -> nn.Module:
@@ -83,17 +88,18 @@ def evaluation_blocks(masks: Sequence[tuple[str, np.ndarray]], k: int, crop_size
 
 def block_scores(block: dict[str, Any], diffusion_mean: np.ndarray, diffusion_variance: np.ndarray,
                  np_variance: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-voxel ``(gap, H, W)`` arrays of one block: the four uncertainty scores and ``error``."""
+    """Per-voxel ``(gap, H, W)`` arrays of one block: the uncertainty scores (:data:`SCORES`) and ``error``."""
     gap = int(block["gap"])
     stack = np.concatenate([block["lower"][..., None], np.zeros((*block["lower"].shape, gap), np.float32),
                             block["upper"][..., None]], axis=-1)
-    classical = [np.moveaxis(interpolate_gaps(stack, [0, gap + 1], m)[..., 1:-1], -1, 0)
-                 for m in ("nearest", "linear", "sdf")]
+    nearest, linear, sdf = [np.moveaxis(interpolate_gaps(stack, [0, gap + 1], m)[..., 1:-1], -1, 0)
+                             for m in ("nearest", "linear", "sdf")]
     distance = np.minimum(np.arange(1, gap + 1), gap + 1 - np.arange(1, gap + 1))
     union = (block["lower"] > 0.5) | (block["upper"] > 0.5)
     return {"np_variance": np_variance, "diffusion_variance": diffusion_variance,
             "edge_proximity": edge_proximity(diffusion_mean, distance, fallback=union),
-            "classical_disagreement": classical_disagreement(*classical),
+            "edge_proximity_sdf": edge_proximity(sdf, distance, fallback=union),
+            "classical_disagreement": classical_disagreement(nearest, linear, sdf),
             "error": ((diffusion_mean > 0.5) != (block["truth"] > 0.5))}
 
 
@@ -106,11 +112,12 @@ def summarise(per_block: Sequence[dict[str, np.ndarray]]) -> dict[str, Any]:
                      if b["np_variance"].size > 1]
     finite = [r for r in per_block_rho if np.isfinite(r)]
     error = pooled["error"].astype(np.float64)
+    auroc = {key: roc_auc(error, pooled[key]) for key in SCORES}
     return {"n_blocks": len(per_block), "n_voxels": int(error.size), "error_rate": float(error.mean()),
             "spearman": spearman(pooled["np_variance"], pooled["diffusion_variance"]),
             "spearman_block_mean": float(np.mean(finite)) if finite else float("nan"),
-            "n_blocks_spearman": len(finite),
-            "auroc": {key: roc_auc(error, pooled[key]) for key in SCORES}}
+            "n_blocks_spearman": len(finite), "auroc": auroc,
+            "np_margin": auroc["np_variance"] - max(v for k, v in auroc.items() if k != "np_variance")}
 
 
 def evaluate_uncertainty(masks: Sequence[tuple[str, np.ndarray]], predictor: nn.Module, interpolator: nn.Module,
@@ -163,17 +170,20 @@ def _json_ready(value: Any) -> Any:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """Markdown table: one row per ``k`` and one for all: Spearman and the four AUROCs."""
-    lines = ["| k | blocks | error rate | Spearman (pooled / block mean) | AUROC np var | AUROC diffusion var "
-             "| AUROC edge proximity | AUROC classical disagreement |", "|---|---|---|---|---|---|---|---|"]
+    """Markdown table: one row per ``k`` and one for all: Spearman, the AUROC of every score and the NP's margin
+    over the best other score."""
+    titles = [f"AUROC {SCORE_TITLES[s]}" for s in SCORES]
+    lines = ["| k | blocks | error rate | Spearman (pooled / block mean) | " + " | ".join(titles)
+             + " | NP minus best peer |", "|---|---|---|---|" + "---|" * (len(SCORES) + 1)]
     rows = [(k, results["per_k"][str(k)]) for k in results["every_k"]] + [("all", results["all"])]
     for k, r in rows:
         if not r.get("n_blocks"):
-            lines.append(f"| {k} | 0 | n/a | n/a | n/a | n/a | n/a | n/a |")
+            lines.append(f"| {k} | 0 | n/a | n/a | " + " | ".join(["n/a"] * (len(SCORES) + 1)) + " |")
             continue
         a = r["auroc"]
         lines.append(f"| {k} | {r['n_blocks']} | {r['error_rate']:.3f} | {r['spearman']:.3f} / "
-                     f"{r['spearman_block_mean']:.3f} | " + " | ".join(f"{a[s]:.3f}" for s in SCORES) + " |")
+                     f"{r['spearman_block_mean']:.3f} | " + " | ".join(f"{a[s]:.3f}" for s in SCORES)
+                     + f" | {r['np_margin']:+.3f} |")
     return "\n".join(lines)
 
 
