@@ -109,13 +109,18 @@ def derive_uncertainty_keys(datalist: str, sections: tuple[str, ...] = ("trainin
     ``uncertainty/`` for the default mapping or ``uncertainty-<normalization>/`` for another one, so every
     mapping shares one interpolation (it does not depend on the mapping). Finished steps are reused.
     """
+    from due_ext.data.shards import broken_receipts
+
     folder = derived_folder(datalist, sections)
     final = folder / ("uncertainty" if normalization == "block" else f"uncertainty-{normalization}") / "datalist.json"
-    if final.is_file():
+    broken = [path for step in (folder / "interpolator", final.parent) for path in broken_receipts(step / "units")]
+    if final.is_file() and not broken:
         return str(final)
+    if broken:  # a corrupted cache: the steps below derive the broken units again and reuse the rest
+        logger.warning("derived files changed or missing (%s): deriving them again", ", ".join(map(str, broken)))
     logger.info("deriving interpolation and uncertainty weights for %s into %s", datalist, folder)
     interpolated = folder / "interpolator" / "datalist.json"  # written last: present = complete
-    if not interpolated.is_file():
+    if not interpolated.is_file() or any(path.parent.parent == interpolated.parent for path in broken):
         interpolated = Path(_run_bundle_component("interpolator", "inference.json", "interpolation", {
             "datalist": str(Path(datalist).resolve()), "output_dir": str(interpolated.parent),
             "sections": list(sections)}))

@@ -108,6 +108,20 @@ def read_receipt(folder: Path, unit: range, names: Sequence[str]) -> list[dict[s
     return entries
 
 
+def broken_receipts(folder: str | os.PathLike) -> list[Path]:
+    """The receipts in ``folder`` whose files are missing or changed (a finished derivation, checked before reuse)."""
+    broken = []
+    for path in sorted(Path(folder).glob("unit-*.json")):
+        try:
+            receipt = json.loads(path.read_text())
+            intact = all(Path(f).is_file() and file_checksum(f) == digest for f, digest in receipt["checksums"].items())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            intact = False
+        if not intact:
+            broken.append(path)
+    return broken
+
+
 def derive_in_units(names: Sequence[str], derive_unit: Callable[[range], list[dict[str, str]]],
                     folder: str | os.PathLike, shard: Shard | None = None, unit_size: int = DEFAULT_UNIT_SIZE,
                     progress: bool = False) -> list[dict[str, str]] | None:
