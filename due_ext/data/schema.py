@@ -5,7 +5,9 @@
 ``annotation``       NIfTI binary mask on the image grid; required for positives. Only the slices listed
                      in ``annotated_slices`` carry information, whatever the file holds elsewhere (our
                      builders write zeros there).
-``annotated_slices`` Z indices a person actually drew (sorted, unique, each holding foreground).
+``annotated_slices`` Z indices a person actually drew (sorted, unique, each holding foreground, except those
+                     in ``empty_slices``).
+``empty_slices``     optional: annotated slices that were looked at and left empty (no foreground there).
 ``interpolation``    derived: soft mask in [0, 1] filled by an interpolator.
 ``variance``         derived: per-voxel variance of the interpolation.
 ``weights``          derived: per-voxel uncertainty weights in [0, 1] (1 on annotated slices).
@@ -18,6 +20,7 @@ IMAGE = "image"
 LABEL = "label"
 ANNOTATION = "annotation"
 ANNOTATED_SLICES = "annotated_slices"
+EMPTY_SLICES = "empty_slices"
 INTERPOLATION = "interpolation"
 VARIANCE = "variance"
 WEIGHTS = "weights"

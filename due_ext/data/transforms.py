@@ -316,7 +316,9 @@ def load_transforms(keys: Sequence[str], size: Sequence[int] | str | None = None
         transforms.append(ResampleToSized([keys[0], *fill_keys], size))
     # Drop what cannot collate: file paths of volumes not loaded (present on some items only) and the
     # per-item list of annotated slices.
+    # empty_slices is dropped always: annotated_mask carries it, and it is not remapped by ResampleToSized.
     dropped = [k for k in schema.VOLUME_KEYS if k not in keys] + ([] if keep_slices else [schema.ANNOTATED_SLICES])
+    dropped.append(schema.EMPTY_SLICES)
     if dropped:
         transforms.append(DeleteItemsd(dropped))
     return Compose(transforms)

@@ -20,6 +20,9 @@ Rules (see :mod:`due_ext.data.schema` for the keys):
 - A positive (label 1) needs ``annotation`` and a non-empty ``annotated_slices``: a sorted list of unique ints
   in ``[0, Z)``, each slice holding foreground in the annotation. Negatives may carry them (checked the same
   way, an empty list allowed); their annotation files, if any, are checked like a positive's.
+- ``empty_slices`` (optional) lists annotated slices that were looked at and left empty: ints, each in
+  ``annotated_slices`` and holding no foreground; they are exempt from the foreground rule, and a
+  positive still needs one annotated slice that is not among them.
 - ``annotation`` and ``mask`` are binary (values 0/1); ``interpolation`` and ``weights`` lie in ``[0, 1]``;
   ``variance`` is ``>= 0``.
 
@@ -178,8 +181,9 @@ def _check_values(key: str, path: Path, array: np.ndarray, found: _ItemFindings)
 
 
 def _check_annotated_slices(slices: list[int], annotation: np.ndarray | None, annotation_path: Path | None,
-                            depth: int | None, found: _ItemFindings) -> None:
-    """Range of the slice indices and foreground on each annotated slice."""
+                            depth: int | None, found: _ItemFindings, declared_empty: frozenset[int] = frozenset()
+                            ) -> None:
+    """Range of the slice indices, foreground on each annotated slice, none on those ``declared_empty``."""
     if depth is None:
         return  # the image could not be read: its problem is already reported
     outside = [s for s in slices if not 0 <= s < depth]
@@ -188,10 +192,14 @@ def _check_annotated_slices(slices: list[int], annotation: np.ndarray | None, an
     if annotation is None:
         return
     inside = sorted({s for s in slices if 0 <= s < depth})
-    empty = [s for s in inside if not np.any(annotation[..., s])]
+    empty = [s for s in inside if not np.any(annotation[..., s]) and s not in declared_empty]
     if empty:
         found.problems.append(f"annotation {annotation_path}: annotated slice(s) {empty} hold no foreground")
-    found.annotated_slices = len(inside) - len(empty)
+    drawn = [s for s in sorted(declared_empty & set(inside)) if np.any(annotation[..., s])]
+    if drawn:
+        found.problems.append(f"annotation {annotation_path}: slice(s) {drawn} listed in empty_slices hold "
+                              "foreground")
+    found.annotated_slices = len(inside) - len(empty) - len(drawn)
 
 
 def _check_item(item: Any, dataset_dir: Path | None) -> _ItemFindings:
@@ -211,6 +219,18 @@ def _check_item(item: Any, dataset_dir: Path | None) -> _ItemFindings:
             found.problems.append("positive (label 1) without annotated_slices")
         elif slices == []:
             found.problems.append("positive (label 1) with empty annotated_slices")
+    declared_empty: frozenset[int] = frozenset()
+    if schema.EMPTY_SLICES in item:
+        declared = item[schema.EMPTY_SLICES]
+        if not isinstance(declared, list) or any(isinstance(s, bool) or not isinstance(s, int) for s in declared):
+            found.problems.append(f"empty_slices {declared!r} is not a list of ints")
+        else:
+            declared_empty = frozenset(declared)
+            stray = sorted(declared_empty - set(slices or []))
+            if stray:
+                found.problems.append(f"empty_slices {stray} not in annotated_slices")
+            elif found.label == 1 and slices and declared_empty >= set(slices):
+                found.problems.append("positive (label 1) whose annotated slices are all listed in empty_slices")
 
     # The image defines the grid. Other volumes are read one at a time, checked against it and dropped,
     # except the annotation, kept for the slice check.
@@ -246,7 +266,7 @@ def _check_item(item: Any, dataset_dir: Path | None) -> _ItemFindings:
 
     if slices is not None:
         depth = image_shape[-1] if image_shape is not None else None
-        _check_annotated_slices(slices, annotation, annotation_path, depth, found)
+        _check_annotated_slices(slices, annotation, annotation_path, depth, found, declared_empty)
     return found
 
 
