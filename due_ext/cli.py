@@ -59,6 +59,61 @@ class DataCommands:
             sys.exit(1)
         print(report.summary())
 
+    def _import(self, images: str, out: str, labels: str | None = None, labels_csv: str | None = None,
+                label_suffix: str = "", segments: str | None = None, empty_slices: str | None = None,
+                patient_column: str = "patient", patient_regex: str | None = None,
+                fractions: str = "0.7,0.15,0.15", seed: int = 0, name: str | None = None) -> None:
+        """Import a folder of scans and sparse drawings as a datalist OUT (see docs/your_data.md).
+
+        Reads NIfTI, NRRD (3D Slicer .seg.nrrd too), DICOM series folders and DICOM SEG (`dicom` extra); pairs
+        images and labels by case id (file name without extension); annotated_slices are the axial (Z) slices
+        holding a drawing. Checks everything first: on any problem it prints every problem (each naming the
+        file), writes nothing and exits with status 1. Non-NIfTI volumes are copied as NIfTI into
+        <OUT stem>_nifti/ beside OUT; paths in OUT are relative to its folder.
+
+        Args:
+            images: folder of scans (NIfTI or NRRD files, or one folder per DICOM series).
+            out: datalist JSON to write.
+            labels: folder of drawings named like the images (plus LABEL_SUFFIX); optional.
+            labels_csv: CSV with columns case,label[,patient]; an empty label leaves the case out. Without it a
+                case is positive when it has a drawing and negative when it has no label file.
+            label_suffix: ending of label names after the case id, e.g. "_seg".
+            segments: comma-separated segment names of .seg.nrrd / DICOM SEG files that make the drawing
+                (default: all segments merged).
+            empty_slices: JSON {"case": [z, ...]} of axial slices looked at and left empty (annotated, no
+                foreground).
+            patient_column: CSV column with the patient id; the split keeps a patient's cases together.
+            patient_regex: regular expression on the case id giving the patient id (first group, else the
+                whole match) when the CSV has no patient column.
+            fractions: training,validation,test fractions of patients.
+            seed: seed of the split.
+            name: the datalist's name (default: OUT's stem).
+        """
+        from due_ext.data.importing import DataImportError, import_dataset
+
+        def text(value):  # fire turns "a,b" into a tuple
+            return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+
+        names = None if segments is None else [s.strip() for s in str(text(segments)).split(",") if s.strip()]
+        try:
+            summary = import_dataset(text(images), text(out), labels=text(labels), labels_csv=text(labels_csv),
+                                     label_suffix=label_suffix, segments=names, empty_slices=text(empty_slices),
+                                     patient_column=patient_column, patient_regex=patient_regex,
+                                     fractions=text(fractions), seed=seed, name=name)
+        except DataImportError as err:
+            for problem in err.problems:
+                print(problem, file=sys.stderr)
+            print(f"{len(err.problems)} problem(s) found; nothing written", file=sys.stderr)
+            sys.exit(1)
+        except ValueError as err:  # malformed options: fractions, regex
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        print(summary)
+
+
+# `import` is a Python keyword, so the command's method is bound under that name here.
+setattr(DataCommands, "import", DataCommands._import)
+
 
 class InterpCommands:
     """Evaluate slice interpolators (diffusion and the classical peers)."""
