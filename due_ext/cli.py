@@ -99,7 +99,8 @@ class DataCommands:
             summary = import_dataset(text(images), text(out), labels=text(labels), labels_csv=text(labels_csv),
                                      label_suffix=label_suffix, segments=names, empty_slices=text(empty_slices),
                                      patient_column=patient_column, patient_regex=patient_regex,
-                                     fractions=text(fractions), seed=seed, name=name)
+                                     fractions=text(fractions), seed=seed,
+                                     name=None if name is None else str(text(name)))
         except DataImportError as err:
             for problem in err.problems:
                 print(problem, file=sys.stderr)

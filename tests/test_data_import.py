@@ -128,10 +128,11 @@ def test_nifti_import_pairs_by_name_and_records_drawn_slices(tmp_path, capsys):
     out = tmp_path / "out" / "datalist.json"
     status, stdout, stderr = _run(["data", "import", "--images", str(tmp_path / "images"), "--labels",
                                    str(tmp_path / "labels"), "--label-suffix", "_seg", "--out", str(out),
-                                   "--fractions", "0.6,0.2,0.2"], capsys)
+                                   "--fractions", "0.6,0.2,0.2", "--name", "2024"], capsys)
     assert status == 0, stderr
     assert "datalist.json" in stdout
     datalist = json.loads(out.read_text())
+    assert datalist["name"] == "2024"  # fire reads 2024 as an int; the datalist keeps a string
     items = _items(datalist)
     assert sorted(items) == [f"case_{i}" for i in range(5)]
     assert [items[f"case_{i}"][schema.ANNOTATED_SLICES] for i in range(3)] == [[1, 3, 5], [0, 7], [2, 3, 4]]
