@@ -16,7 +16,7 @@ import pytest
 from due_ext.experiments import ExperimentConfigError, load_experiment, markdown_table, read_rows, run_experiment
 from due_ext.experiments.datalists import training_subset, write_subset
 from due_ext.experiments.figures import plot_sweep, write_figures
-from due_ext.experiments.table import COLUMNS, experiment_table, mean_std, row_metric
+from due_ext.experiments.table import COLUMNS, experiment_table, mean_std, row_metric, table_columns
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_OVERRIDES = {"max_epochs": 1, "block_inplanes": [4, 8, 8, 8], "batch_size": 4}
@@ -33,16 +33,19 @@ def _config(folder: Path, datalist: Path, **changes) -> Path:
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
-    """The tiny grid, run once for the module; returns (output folder, config, first summary)."""
+    """The tiny grid, run once for the module; returns (output folder, config, first summary). The data lies in
+    the cache folder (``$DUE_EXT_CACHE``), as a demo dataset does, so every path written is portable."""
     from tests.conftest import build_tiny_dataset
 
     tmp = tmp_path_factory.mktemp("experiment")
-    datalist = build_tiny_dataset(tmp / "data")
-    config = _config(tmp, datalist)
-    out = tmp / "out"
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    summary = run_experiment(config, out, workers=2, threads=1, progress=False)
-    return out, config, summary
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DUE_EXT_CACHE", str(tmp / "cache"))
+        datalist = build_tiny_dataset(tmp / "cache" / "data")
+        config = _config(tmp / "cache", datalist)  # a committed config lies in the checkout: portable too
+        out = tmp / "out"
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        summary = run_experiment(config, out, workers=2, threads=1, progress=False)
+        yield out, config, summary
 
 
 def test_grid_runs_every_cell_with_one_row_each(grid):
@@ -59,10 +62,52 @@ def test_grid_runs_every_cell_with_one_row_each(grid):
         assert "commit" in row["revision"] and row["wall_time_s"]["total"] > 0
         assert {"roc_auc", "pr_auc"} <= set(row["metrics"]["prediction"])
         assert "iou" in row["metrics"]["explanation"]
-        subset = json.loads(Path(row["datalist"]).read_text())
+        subset = json.loads((out / row["datalist"]).read_text())
         assert len(subset["training"]) == 4 and subset["subset"]["seed"] == row["seed"]
     recorded = json.loads((out / "experiment.json").read_text())
     assert len(recorded["cells"]) == 4 and recorded["experiment"]["name"] == "tiny"
+
+
+def _strings(value):
+    """Every string inside a JSON value."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def test_written_rows_specs_and_datalists_hold_no_absolute_path(grid):
+    """What gets committed (experiment.json, specs, rows, results.jsonl, subsets) names no folder of this
+    machine; the paths still lead to the data: subset volumes below the recorded root, the root in the cache."""
+    from due_ext.experiments.paths import resolve_portable
+
+    out, _, _ = grid
+    files = [out / "experiment.json", out / "results.jsonl", *out.glob("cells/*/spec.json"),
+             *out.glob("cells/*/result.json"), *out.glob("datalists/*.json")]
+    assert len(files) == 2 + 4 + 4 + 2
+    machine = str(out.parent)
+    for path in files:
+        text = path.read_text()
+        assert machine not in text, path
+        for line in text.splitlines() if path.suffix == ".jsonl" else [text]:
+            absolute = [v for v in _strings(json.loads(line)) if os.path.isabs(v)]
+            assert absolute == [], (path, absolute)
+    recorded = json.loads((out / "experiment.json").read_text())
+    assert recorded["data_root"] == "<cache>/data" and recorded["base_datalist"] == "datalist.json"
+    assert recorded["experiment"]["datalist"] == "<cache>/data/datalist.json"
+    assert recorded["experiment"]["path"] == "<cache>/tiny.json"
+    for path in out.glob("datalists/*.json"):
+        subset = json.loads(path.read_text())
+        root = resolve_portable(subset["subset"]["root"])
+        assert root == out.parent / "cache" / "data" and subset["subset"]["base"] == "datalist.json"
+        volumes = [item[key] for item in subset["training"] + subset["test"] for key in ("image", "mask", "weights")
+                   if key in item]
+        assert len(volumes) > len(subset["training"]) + len(subset["test"])  # more than the images alone
+        assert all((root / volume).is_file() for volume in volumes)
 
 
 def test_resume_skips_finished_cells_and_reruns_a_crashed_one(grid):
@@ -88,7 +133,7 @@ def test_table_numbers_are_mean_and_std_of_the_rows(grid):
         line = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[1] == "2"
-        for (column, group, key), text in zip(COLUMNS, cells[2:], strict=True):
+        for (column, group, key), text in zip(table_columns(rows), cells[2:], strict=True):
             values = [row_metric(r, group, key) for r in rows if r["method"] == method]
             mean, std = mean_std(values)
             expected = "n/a" if math.isnan(mean) else f"{100 * mean:.2f} ± {100 * std:.2f}"
@@ -106,6 +151,33 @@ def test_table_aggregates_synthetic_rows_exactly():
     assert f"80.00 ± {100 * std:.2f}" in due and f"40.00 ± {50 * std:.2f}" in due
     assert "3 of 5 (incomplete)" in due
     assert "Baseline (not run yet" in table
+
+
+def test_table_adds_localisation_columns_and_one_row_per_floor():
+    def row(method, seed, v):
+        explanation = {k: {"mean": v / 4} for k in ("iou", "precision", "recall", "f1")}
+        explanation["pointing_game"] = {"mean": v / 2}
+        floors = {"gaussian_blob": {"iou": {"mean": 0.1}, "pointing_game": {"mean": 0.2}, "lesion_voxels": 40.0},
+                  "initial_cam": {"mask_auroc": {"mean": 0.06 + 0.02 * seed}}}
+        return {"method": method, "seed": seed, "train_size": 20, "lam": 1.0,
+                "metrics": {"prediction": {"roc_auc": v, "pr_auc": v}, "explanation": explanation, "floors": floors}}
+
+    rows = [row("due", s, v) for s, v in enumerate([0.6, 0.8, 1.0])] + [row("baseline", s, 0.5) for s in range(3)]
+    lines = markdown_table(rows).splitlines()
+    assert lines[0] == ("| Method | seeds | " + " | ".join(c[0] for c in COLUMNS)
+                        + " | Pointing | Energy pointing | Mask AUROC | IoU best t |")
+    due = next(line for line in lines if line.startswith("| DUE"))
+    assert f"| 40.00 ± {50 * np.std([0.6, 0.8, 1.0], ddof=1):.2f} | n/a | n/a | n/a |" in due
+    # floors: one value per seed (the baseline rows repeat them), mean ± sample std over the 3 seeds
+    blob = next(line for line in lines if line.startswith("| floor: centred Gaussian blob"))
+    assert blob == ("| floor: centred Gaussian blob | 3 | n/a | n/a | 10.00 ± 0.00 | n/a | n/a | n/a "
+                    "| 20.00 ± 0.00 | n/a | n/a | n/a |")
+    initial = next(line for line in lines if line.startswith("| floor: Grad-CAM at initialisation"))
+    assert initial.endswith("| n/a | n/a | 8.00 ± 2.00 | n/a |")
+    # rows without localisation scores (older runs) keep the six paper columns and no floor rows
+    old = markdown_table([{"method": "due", "seed": 0, "train_size": 20, "lam": 1.0,
+                           "metrics": {"prediction": {"roc_auc": 0.5}, "explanation": {}}}])
+    assert "Pointing" not in old and "floor" not in old
 
 
 def test_training_subset_is_balanced_seeded_and_nested():
@@ -130,8 +202,10 @@ def test_subset_is_cut_again_when_its_base_changes(tmp_path):
     first = write_subset(str(old), tmp_path / "subsets", 4, seed=0)
     assert write_subset(str(old), tmp_path / "subsets", 4, seed=0) == first  # same base: reused
     payload = json.loads(Path(write_subset(str(new), tmp_path / "subsets", 4, seed=0)).read_text())
-    assert payload["subset"]["base"] == str(new.resolve())
-    assert all(f"{os.sep}new{os.sep}" in it["interpolation"] for it in payload["training"])
+    # the data root is the base's folder (its volumes lie below it); volumes and base are relative to it
+    assert payload["subset"]["base"] == "datalist.json"
+    assert payload["subset"]["root"] == str(new.parent.resolve())  # outside cache and checkout: stays absolute
+    assert all(it["interpolation"].startswith("new/") for it in payload["training"])
 
 
 @pytest.mark.parametrize(("text", "key"), [

@@ -37,15 +37,23 @@ def _run(configs: list[str], overrides: dict[str, Any]) -> dict[str, Any]:
     return {key: parser.get_parsed_content(key) for key in RECORDED_KEYS if key in parser}
 
 
-def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train and evaluate one cell described by ``spec`` (written by the runner); returns the results row."""
-    bundle = Path(spec["bundle_dir"])
-    cell_dir = Path(spec["cell_dir"])
+def run_cell(spec: dict[str, Any], cell_dir: str | Path) -> dict[str, Any]:
+    """Train and evaluate one cell described by ``spec`` (written by the runner into ``cell_dir`` =
+    ``OUT/cells/<cell>``); returns the results row. Paths in ``spec`` are relative to ``OUT`` or portable
+    (:mod:`due_ext.experiments.paths`) and are resolved here only, for the bundle."""
+    from due_ext.experiments.datalists import resolved_datalist
+    from due_ext.experiments.paths import resolve_portable
+
+    cell_dir = Path(cell_dir).resolve()
+    out = cell_dir.parent.parent
+    bundle = resolve_portable(spec["bundle_dir"])
     run_dir = cell_dir / "run"
     # a crashed attempt left a partial run: start clean so every row comes from one uninterrupted training
     shutil.rmtree(run_dir, ignore_errors=True)
-    overrides = {"method": spec["method"], "seed": spec["seed"], "datalist": spec["datalist"],
-                 "output_dir": str(run_dir), "ckpt_dir": str(run_dir / "models"), **spec.get("overrides", {})}
+    # the committed subset names volumes relative to its data root; the bundle gets a local absolute copy
+    datalist = resolved_datalist(out / spec["datalist"], run_dir / "datalist.json")
+    overrides = {"method": spec["method"], "seed": spec["seed"], "datalist": datalist, "output_dir": str(run_dir),
+                 "ckpt_dir": str(run_dir / "models"), **spec.get("overrides", {})}
     if spec.get("lam") is not None:
         overrides["lam"] = spec["lam"]
     train, evaluate = str(bundle / "train.json"), str(bundle / "evaluate.json")
@@ -59,7 +67,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         # recorded, not fatal: the test metrics are the cell's result
         section_overrides = {**overrides, "evaluation_dir": str(run_dir / section),
                              "test#datalist": "$monai.data.load_decathlon_datalist(@datalist, True, "
-                                                      f"'{section}', @dataset_dir)"}
+                                                      f"'{section}')"}
         try:
             _run([train, evaluate], section_overrides)
             extra[section] = json.loads((run_dir / section / "metrics.json").read_text())
@@ -68,6 +76,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     row = {"experiment": spec["experiment"], "cell": spec["cell"], **{k: spec[k] for k in
                                                                           ("method", "seed", "train_size", "lam")},
            "config": resolved, "overrides": spec.get("overrides", {}), "datalist": spec["datalist"],
+           "data_root": spec["data_root"],
            "revision": spec.get("revision"), "threads": _threads(),
            "wall_time_s": {"train": round(trained - start, 2), "total": round(time.perf_counter() - start, 2)},
            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -90,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise SystemExit("usage: python -m due_ext.experiments.cell SPEC.json")
-    run_cell(json.loads(Path(args[0]).read_text()))
+    run_cell(json.loads(Path(args[0]).read_text()), Path(args[0]).parent)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,13 @@ subsets written beside the results.
 
 Why prepare once: ``due`` needs ``interpolation``/``weights``, which :func:`due_ext.bundles.prepared_datalist`
 derives with the diffusion interpolator and caches next to the datalist it is given. Deriving on the full
-datalist and cutting subsets from the derived one means every subset already carries the keys (with absolute
-paths), so the bundle uses it as is and nothing is recomputed per cell.
+datalist and cutting subsets from the derived one means every subset already carries the keys, so the bundle uses
+it as is and nothing is recomputed per cell.
+
+A subset names its volumes relative to the data root (:func:`due_ext.experiments.paths.data_root`), recorded in
+its ``subset`` entry in portable form with the base datalist relative to it, so a committed subset holds no
+absolute path. A cell trains on :func:`resolved_datalist`, a machine-local copy with absolute paths inside its
+(git-ignored) run folder, so the bundle reads it whatever folder it resolves relative paths against.
 """
 
 from __future__ import annotations
@@ -37,12 +42,25 @@ def base_datalist(dataset: dict[str, Any] | None = None, datalist: str | None = 
     return path
 
 
-def _absolute(item: dict[str, Any], root: Path) -> dict[str, Any]:
+def _volumes(payload: dict[str, Any]) -> list[str]:
+    return [item[key] for items in payload.values() if isinstance(items, list) for item in items
+            for key in VOLUME_KEYS if isinstance(item.get(key), str)]
+
+
+def _relative(item: dict[str, Any], folder: Path, root: Path) -> dict[str, Any]:
+    """``item`` with each volume (absolute, or relative to ``folder``) relative to ``root``."""
     out = dict(item)
     for key in VOLUME_KEYS:
-        if isinstance(out.get(key), str) and not Path(out[key]).is_absolute():
-            out[key] = str((root / out[key]).resolve())
+        if isinstance(out.get(key), str):
+            out[key] = (folder / out[key]).resolve().relative_to(root).as_posix()
     return out
+
+
+def subset_root(base: str) -> Path:
+    """The data root of the subsets cut from ``base``: the deepest folder holding it and all its volumes."""
+    from due_ext.experiments.paths import data_root
+
+    return data_root(base, _volumes(json.loads(Path(base).read_text())))
 
 
 def training_subset(items: list[dict[str, Any]], size: int | None, seed: int) -> list[dict[str, Any]]:
@@ -64,29 +82,51 @@ def training_subset(items: list[dict[str, Any]], size: int | None, seed: int) ->
     return chosen
 
 
+def resolved_datalist(subset: str | Path, out: str | Path) -> str:
+    """Write ``subset`` to ``out`` with every volume absolute (joined to its recorded ``subset.root``)."""
+    from due_ext.data.datalist import write_json_atomic
+    from due_ext.experiments.paths import resolve_portable
+
+    payload = json.loads(Path(subset).read_text())
+    root = resolve_portable(payload["subset"]["root"])
+    for items in payload.values():
+        for item in items if isinstance(items, list) else []:
+            for key in VOLUME_KEYS:
+                if isinstance(item.get(key), str):
+                    item[key] = str(root / item[key])
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, payload)
+    return str(out)
+
+
 def write_subset(base: str, out_dir: str | Path, size: int | None, seed: int) -> str:
-    """Write the datalist of one (size, seed) into ``out_dir`` (absolute paths).
+    """Write the datalist of one (size, seed) into ``out_dir``; volumes relative to :func:`subset_root` ``(base)``,
+    recorded as ``subset.root`` (portable) with ``subset.base`` relative to it.
 
     An existing file is reused only when it was cut from the same ``base``: when the base changes (e.g. DUE's
     derived keys now come from retrained upstream models, or a method that needs them joined the grid) the
     subset is written again, so no cell trains on stale derived volumes.
     """
+    from due_ext.experiments.paths import portable_path
+
     out = Path(out_dir) / f"train{'all' if size is None else size}-seed{seed}.json"
+    base_path = Path(base).resolve()
+    root = subset_root(base)
+    recorded_as = {"root": portable_path(root), "base": base_path.relative_to(root).as_posix()}
     if out.is_file():
         recorded = json.loads(out.read_text()).get("subset", {})
-        if recorded.get("base") == str(Path(base).resolve()):
+        if {k: recorded.get(k) for k in recorded_as} == recorded_as:
             return str(out)
-        logger.info("%s was cut from %s; cutting it again from %s", out, recorded.get("base"), base)
+        logger.info("%s was cut from %s; cutting it again from %s", out, recorded, base)
     from due_ext.data.datalist import write_json_atomic
 
-    payload = json.loads(Path(base).read_text())
-    root = Path(base).resolve().parent
+    payload = json.loads(base_path.read_text())
     subset = {key: value for key, value in payload.items() if not isinstance(value, list)}
     for section, items in payload.items():
         if isinstance(items, list):
-            subset[section] = [_absolute(item, root) for item in items]
+            subset[section] = [_relative(item, base_path.parent, root) for item in items]
     subset["training"] = training_subset(subset.get("training", []), size, seed)
-    subset["subset"] = {"base": str(Path(base).resolve()), "train_size": size, "seed": seed}
+    subset["subset"] = {**recorded_as, "train_size": size, "seed": seed}
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, subset)
     return str(out)

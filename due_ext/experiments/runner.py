@@ -11,6 +11,11 @@ Layout of the output folder ``OUT``::
 
 Resuming: a cell whose ``result.json`` exists is skipped; any other cell (never started, crashed, killed) runs
 again from scratch.
+
+Nothing written holds an absolute path (:mod:`due_ext.experiments.paths`): a cell's ``spec.json`` and row name the
+subset relative to ``OUT`` and the data root, bundle and base datalist as ``<cache>/...`` or ``<repository>/...``;
+the subsets name their volumes relative to the data root. Results committed from one machine read the same on
+another, and re-running the recorded command there writes the same files.
 """
 
 from __future__ import annotations
@@ -62,17 +67,20 @@ def _write_results(out: Path) -> None:
         Path(tmp).write_text(lines)
 
 
-def _run_one(experiment: Experiment, cell: Cell, out: Path, base: str, revision: dict[str, Any],
+def _run_one(experiment: Experiment, cell: Cell, out: Path, base: str, data_root: str, revision: dict[str, Any],
              threads: int, timeout: float | None) -> tuple[Cell, bool, float]:
     from due_ext.bundles import bundle_root
     from due_ext.data.datalist import write_json_atomic
     from due_ext.experiments.datalists import write_subset
+    from due_ext.experiments.paths import portable_path
 
     cell_dir = out / "cells" / cell.cell_id
     cell_dir.mkdir(parents=True, exist_ok=True)
-    datalist = write_subset(base, out / "datalists", cell.train_size, cell.seed)
-    spec = {"experiment": experiment.name, "cell": cell.cell_id, **cell.as_dict(), "datalist": datalist,
-            "bundle_dir": bundle_root(experiment.bundle), "cell_dir": str(cell_dir), "overrides": experiment.overrides,
+    datalist = Path(write_subset(base, out / "datalists", cell.train_size, cell.seed))
+    # paths relative to OUT (the cell folder is where spec.json lies) or portable: see the module docstring
+    spec = {"experiment": experiment.name, "cell": cell.cell_id, **cell.as_dict(),
+            "datalist": datalist.relative_to(out).as_posix(), "data_root": data_root,
+            "bundle_dir": portable_path(bundle_root(experiment.bundle)), "overrides": experiment.overrides,
             "extra_sections": experiment.extra_sections, "revision": revision}
     write_json_atomic(cell_dir / "spec.json", spec)
     # one process per cell, few threads: a crash loses one cell and the cores are shared with other work
@@ -114,15 +122,25 @@ def run_experiment(config: str | Path, out: str | Path, workers: int = 1, thread
                                "finished": [], "failed": []}
     start = time.perf_counter()
     if pending:
+        from due_ext.experiments.datalists import subset_root
+        from due_ext.experiments.paths import portable_path
+
         base = base_for(experiment)
+        root = subset_root(base)
         revision = code_revision()
-        write_json_atomic(out / EXPERIMENT_FILE, {"experiment": experiment.as_dict(), "base_datalist": base,
-                                                  "cells": [c.cell_id for c in cells], "revision": revision,
-                                                  "command": _command()})
+        recorded = experiment.as_dict()
+        recorded["path"] = portable_path(experiment.path)
+        if experiment.datalist is not None:
+            recorded["datalist"] = portable_path(experiment.datalist)
+        write_json_atomic(out / EXPERIMENT_FILE, {
+            "experiment": recorded, "data_root": portable_path(root),
+            "base_datalist": Path(base).resolve().relative_to(root).as_posix(),
+            "cells": [c.cell_id for c in cells], "revision": revision, "command": _command()})
         bar = tqdm(total=len(cells), initial=len(cells) - len(pending), desc=experiment.name, unit="cell",
                    disable=not progress, file=sys.stderr)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            jobs = [pool.submit(_run_one, experiment, c, out, base, revision, threads, timeout) for c in pending]
+            jobs = [pool.submit(_run_one, experiment, c, out, base, portable_path(root), revision, threads, timeout)
+                    for c in pending]
             for job in jobs:
                 cell, done, seconds = job.result()
                 summary["finished" if done else "failed"].append(cell.cell_id)
@@ -136,13 +154,17 @@ def run_experiment(config: str | Path, out: str | Path, workers: int = 1, thread
 
 
 def _command() -> str:
-    """The command line of this launch, as a user would type it."""
+    """The command line of this launch, as a user would type it; absolute paths in portable form."""
     import shlex
+
+    from due_ext.experiments.paths import portable_path
 
     argv = list(sys.argv)
     if argv and argv[0].endswith(("due_ext/__main__.py", "due-ext")):
         argv = ["python", "-m", "due_ext", *argv[1:]]
-    return shlex.join(argv)
+    elif argv:
+        argv[0] = Path(argv[0]).name  # the program, not where this machine installed it
+    return shlex.join(portable_path(a) if Path(a).is_absolute() else a for a in argv)
 
 
 def base_for(experiment: Experiment) -> str:
