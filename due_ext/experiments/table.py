@@ -1,7 +1,11 @@
 """Aggregate results rows into a Table-1-style markdown table: mean +- std over seeds, in percent as the paper.
 
 Columns: ROC-AUC and PR-AUC of the test predictions; explanation IoU, precision, recall and F1 of the Grad-CAM
-binarised at 0.5 (mean over the test positives of one run, then mean and sample std over the seeds).
+binarised at 0.5 (mean over the test positives of one run, then mean and sample std over the seeds). When the rows
+carry them (runs since the localisation metrics were added), also the resolution-robust localisation metrics
+(:mod:`due_ext.metrics.localisation`: pointing game, energy pointing game, mask AUROC, IoU at the best threshold)
+and one row per floor (:mod:`due_ext.metrics.floors`), its value per seed taken from any row of that seed (the floor
+does not depend on the method), then mean and sample std over the seeds.
 """
 
 from __future__ import annotations
@@ -17,6 +21,13 @@ import numpy as np
 COLUMNS = (("ROC-AUC", "prediction", "roc_auc"), ("PR-AUC", "prediction", "pr_auc"),
            ("IoU", "explanation", "iou"), ("Precision", "explanation", "precision"),
            ("Recall", "explanation", "recall"), ("F1", "explanation", "f1"))
+#: Localisation columns, shown when any row has them.
+LOCALISATION_COLUMNS = (("Pointing", "explanation", "pointing_game"),
+                        ("Energy pointing", "explanation", "energy_pointing_game"),
+                        ("Mask AUROC", "explanation", "mask_auroc"),
+                        ("IoU best t", "explanation", "iou_best_threshold"))
+#: The floors' display names, in table order; their rows fill the columns the floor records (IoU, F1, localisation).
+FLOOR_NAMES = {"gaussian_blob": "floor: centred Gaussian blob", "initial_cam": "floor: Grad-CAM at initialisation"}
 #: Display names as the paper writes them.
 METHOD_NAMES = {"baseline": "Baseline", "baseline_plus": "Baseline+", "due": "DUE", "gradia": "GRADIA",
                 "haics": "HAICS", "res_g": "RES-G", "rrr": "RRR", "exbl": "eXBL"}
@@ -28,6 +39,19 @@ def row_metric(row: dict[str, Any], group: str, key: str) -> float:
     if isinstance(value, dict):  # explanation scores are {mean, std, n} over the test positives
         value = value.get("mean", float("nan"))
     return float("nan") if value is None else float(value)
+
+
+def floor_metric(row: dict[str, Any], floor: str, key: str) -> float:
+    """The mean of ``key`` of the floor ``floor`` in a results row (``nan`` when the row has none)."""
+    value = row["metrics"].get("floors", {}).get(floor, {}).get(key, {})
+    value = value.get("mean", float("nan")) if isinstance(value, dict) else value
+    return float("nan") if value is None else float(value)
+
+
+def table_columns(rows: list[dict[str, Any]]) -> tuple[tuple[str, str, str], ...]:
+    """:data:`COLUMNS`, plus :data:`LOCALISATION_COLUMNS` when any row has a localisation score."""
+    has = any(key in r["metrics"].get(group, {}) for r in rows for _, group, key in LOCALISATION_COLUMNS)
+    return COLUMNS + LOCALISATION_COLUMNS if has else COLUMNS
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -53,10 +77,28 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (method, size, lam), group in group_rows(rows).items():
         entry: dict[str, Any] = {"method": method, "train_size": size, "lam": lam,
                                  "seeds": sorted(r["seed"] for r in group)}
-        for column, section, key in COLUMNS:
+        for column, section, key in table_columns(rows):
             entry[column] = mean_std([row_metric(r, section, key) for r in group])
         out.append(entry)
     return sorted(out, key=lambda e: (order.get(e["method"], 99), e["train_size"] or 0, e["lam"] or 0))
+
+
+def summarize_floors(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per floor some row recorded: its seeds and the mean/std over seeds of each column it has
+    (one value per seed, from the first row of that seed; ``nan`` for the prediction columns)."""
+    out = []
+    for floor in FLOOR_NAMES:
+        per_seed: dict[int, dict[str, Any]] = {}
+        for row in rows:
+            if floor in row["metrics"].get("floors", {}):
+                per_seed.setdefault(row["seed"], row)
+        if not per_seed:
+            continue
+        entry: dict[str, Any] = {"floor": floor, "seeds": sorted(per_seed)}
+        for column, _, key in table_columns(rows):
+            entry[column] = mean_std([floor_metric(r, floor, key) for r in per_seed.values()])
+        out.append(entry)
+    return out
 
 
 def _cell(mean: float, std: float) -> str:
@@ -67,11 +109,12 @@ def markdown_table(rows: list[dict[str, Any]], planned: dict[tuple[str, Any, Any
     """The markdown table of ``rows``; ``planned`` (seeds planned per group) marks groups with missing seeds
     and lists groups with no finished run at all."""
     entries = summarize(rows)
+    columns = table_columns(rows)
     sizes = {e["train_size"] for e in entries} | {k[1] for k in (planned or {})}
     lams = {e["lam"] for e in entries} | {k[2] for k in (planned or {}) if k[2] is not None}
     lead = ["Method"] + (["n train"] if len(sizes) > 1 else []) + (["λ"] if len(lams) > 1 else []) + ["seeds"]
-    lines = ["| " + " | ".join(lead + [c[0] for c in COLUMNS]) + " |",
-             "|" + "---|" * (len(lead) + len(COLUMNS))]
+    lines = ["| " + " | ".join(lead + [c[0] for c in columns]) + " |",
+             "|" + "---|" * (len(lead) + len(columns))]
     for e in entries:
         seeds = str(len(e["seeds"]))
         want = (planned or {}).get((e["method"], e["train_size"], e["lam"]))
@@ -80,13 +123,16 @@ def markdown_table(rows: list[dict[str, Any]], planned: dict[tuple[str, Any, Any
         cells = [METHOD_NAMES.get(e["method"], e["method"])]
         cells += [str(e["train_size"])] if len(sizes) > 1 else []
         cells += [f"{e['lam']:g}" if e["lam"] is not None else "default"] if len(lams) > 1 else []
-        cells += [seeds] + [_cell(*e[c[0]]) for c in COLUMNS]
+        cells += [seeds] + [_cell(*e[c[0]]) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
+    for e in summarize_floors(rows):
+        cells = [FLOOR_NAMES[e["floor"]]] + [""] * (len(lead) - 2) + [str(len(e["seeds"]))]
+        lines.append("| " + " | ".join(cells + [_cell(*e[c[0]]) for c in columns]) + " |")
     done = {(e["method"], e["train_size"], e["lam"]) for e in entries}
     for method, size, lam in sorted((k for k in (planned or {}) if k not in done and not _lam_default(k, done)),
                                     key=str):
         lines.append(f"| {METHOD_NAMES.get(method, method)} (not run yet: n={size}, λ={lam}) |"
-                     + " |" * (len(lead) + len(COLUMNS) - 1))
+                     + " |" * (len(lead) + len(columns) - 1))
     return "\n".join(lines)
 
 
