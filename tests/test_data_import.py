@@ -4,6 +4,7 @@ kind of bad input rejected with the file named and nothing written."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -454,7 +455,7 @@ def test_bad_input_names_the_file_and_writes_nothing(tmp_path, capsys, breaks):
     lines = stderr.strip().splitlines()
     assert lines[-1] == "1 problem(s) found; nothing written"
     assert len(lines) == 2, lines
-    assert __import__("re").search(expected, lines[0]), lines[0]
+    assert re.search(expected, lines[0]), lines[0]
     assert not (tmp_path / "out").exists()  # not even the folder
 
 
@@ -478,3 +479,14 @@ def test_malformed_options_are_rejected(tmp_path, capsys):
     assert status == 2 and "fractions" in stderr
     with pytest.raises(ValueError, match="patient regex"):
         import_dataset(tmp_path / "images", tmp_path / "d.json", patient_regex="(")
+
+
+def test_unusable_files_give_no_follow_on_problems(tmp_path):
+    """A label that cannot be read is one problem, not also 'label 1 in the CSV but no drawing'."""
+    _case(tmp_path, "a", [1])
+    write_nifti(tmp_path / "labels" / "a.nii.gz", np.zeros((12, 10, 7), np.uint8), AFFINE)
+    (tmp_path / "l.csv").write_text("case,label\na,1\n")
+    with pytest.raises(DataImportError) as raised:
+        import_dataset(tmp_path / "images", tmp_path / "d.json", labels=tmp_path / "labels",
+                       labels_csv=tmp_path / "l.csv")
+    assert len(raised.value.problems) == 1 and "label shape (12, 10, 7)" in raised.value.problems[0]

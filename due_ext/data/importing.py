@@ -405,13 +405,16 @@ def import_dataset(images: str | os.PathLike, out: str | os.PathLike, labels: st
     # NIfTI copies are written into a hidden staging folder beside the datalist, moved into place at the end.
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    copies_name = f"{out.name.split('.')[0]}_nifti"
+    copies_name = f"{out.stem}_nifti"
     # Absolute, so that it does not depend on the folder relative datalist paths are resolved against.
     staging = Path(tempfile.mkdtemp(prefix=f".{copies_name}.", suffix=".partial", dir=out.parent)).absolute()
     try:
         for case_id, image_path in sorted(image_files.items()):
             case = _Case(case_id, image_path, label_files.get(case_id))
+            before = len(problems)
             drawing = _check_case(case, segments, empty_by_case.get(case_id), problems)
+            if len(problems) > before:
+                continue  # a label derived from unusable files would only add follow-on problems
             _label_case(case, rows, labels_csv, pattern, patient_regex, problems, unlabelled, cases)
             kept = bool(cases) and cases[-1] is case
             if drawing is not None and kept and not problems and volume_format(case.label_file) != "nifti":
@@ -464,7 +467,7 @@ def _write(cases: list[_Case], staging: Path, copies_name: str, out: Path, fract
            name: str | None, unlabelled: list[str]) -> ImportSummary:
     """Stage the images' NIfTI copies, check every item, then move the copies and the datalist into place."""
     folder = out.parent
-    datalist: dict[str, Any] = {"name": name or out.name.split(".")[0],
+    datalist: dict[str, Any] = {"name": name or out.stem,
                                 "description": "imported by python -m due_ext data import"}
     problems: list[str] = []
     sections = _split(cases, fractions, seed)
