@@ -17,7 +17,7 @@ from due_ext.cli import main as cli_main
 from due_ext.data import schema
 from due_ext.data.importing import DataImportError, import_dataset
 from due_ext.data.nifti import read_nifti, write_nifti
-from due_ext.data.readers import read_volume, sitk_to_ras
+from due_ext.data.readers import read_volume, segment_mask, sitk_to_ras
 from due_ext.data.validate import check_datalist, validate_item
 
 SHAPE = (12, 10, 8)
@@ -490,3 +490,22 @@ def test_unusable_files_give_no_follow_on_problems(tmp_path):
         import_dataset(tmp_path / "images", tmp_path / "d.json", labels=tmp_path / "labels",
                        labels_csv=tmp_path / "l.csv")
     assert len(raised.value.problems) == 1 and "label shape (12, 10, 7)" in raised.value.problems[0]
+
+
+def test_seg_nrrd_as_3d_slicer_writes_it(tmp_path):
+    """A header as 3D Slicer writes it: RAS space, a 'list' axis of layers first, SegmentN_* keys with ':='."""
+    layers = np.zeros((2, 4, 3, 2), np.uint8)  # (layer, i, j, k): NRRD's fastest axis first
+    layers[0, 1, 1, 0] = 1
+    layers[1, 2, 0, 1] = 1
+    header = ("NRRD0004\ntype: unsigned char\ndimension: 4\nspace: right-anterior-superior\nsizes: 2 4 3 2\n"
+              "space directions: none (1.5,0,0) (0,2,0) (0,0,3)\nkinds: list domain domain domain\n"
+              "encoding: raw\nspace origin: (10,20,30)\n"
+              "Segment0_ID:=Segment_1\nSegment0_LabelValue:=1\nSegment0_Layer:=0\nSegment0_Name:=tumour\n"
+              "Segment1_ID:=Segment_2\nSegment1_LabelValue:=1\nSegment1_Layer:=1\nSegment1_Name:=node\n\n")
+    path = tmp_path / "s.seg.nrrd"
+    path.write_bytes(header.encode() + layers.tobytes(order="F"))
+    volume = read_volume(path)
+    np.testing.assert_array_equal(volume.affine, [[1.5, 0, 0, 10], [0, 2, 0, 20], [0, 0, 3, 30], [0, 0, 0, 1]])
+    assert [s.name for s in volume.segments] == ["tumour", "node"]
+    assert np.argwhere(segment_mask(volume)).tolist() == [[1, 1, 0], [2, 0, 1]]
+    assert np.argwhere(segment_mask(volume, ["node"])).tolist() == [[2, 0, 1]]
