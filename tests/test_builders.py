@@ -19,6 +19,7 @@ from due_ext.data.builders.nodules import (
     plain_ellipsoid,
     random_lesion_shape,
     soft_edge,
+    surface_bound,
 )
 from due_ext.data.builders.sparse import sparse_slices, sparsify
 from due_ext.data.builders.splits import split_counts
@@ -102,6 +103,34 @@ def test_random_lesion_stays_within_its_diameter():
         inside = np.argwhere(lesion_mask(lesion_field(shape, (31, 31, 31), (1.0, 1.0, 1.0))))
         assert len(inside) > 0
         assert np.linalg.norm(inside - 15.0, axis=1).max() <= 6.0 + 1e-9
+
+
+def test_surface_bound_hand_computed():
+    x, y = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    # lobes (wide bumps) add their amplitudes
+    assert surface_bound(np.stack([x, y]), np.array([0.2, 0.3]), np.array([0.1, 0.2])) == pytest.approx(1.5)
+    # one spicule adds its amplitude
+    assert surface_bound(x[None], np.array([0.7]), np.array([0.01])) == pytest.approx(1.7)
+    # two orthogonal spicules: half-angle pi/4, the other adds at most a exp((cos(pi/4) - 1) / w)
+    tail = 0.5 * np.exp((np.cos(np.pi / 4) - 1) / 0.01)
+    assert surface_bound(np.stack([x, y]), np.array([0.7, 0.5]), np.array([0.01, 0.01])) == pytest.approx(
+        1.7 + 0.7 * np.exp((np.cos(np.pi / 4) - 1) / 0.01) + tail)
+    # ... and never more than the sum of the amplitudes (two spicules on one axis)
+    assert surface_bound(np.stack([x, x]), np.array([0.7, 0.5]), np.array([0.01, 0.01])) == pytest.approx(2.2)
+
+
+def test_spiculated_lesion_stays_within_its_diameter_and_has_spikes():
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        shape = random_lesion_shape(rng, 12.0, (15.0, 15.0, 15.0), lobulated_probability=0.0,
+                                    spiculated_probability=1.0)
+        assert shape.bounding_radius_mm <= 6.0 + 1e-9
+        assert np.all(shape.lobe_widths <= 0.012) and len(shape.lobe_widths) >= 3
+        inside = np.argwhere(lesion_mask(lesion_field(shape, (61, 61, 61), (0.5, 0.5, 0.5))))
+        distance = np.linalg.norm(inside * 0.5 - 15.0, axis=1)
+        assert distance.max() <= 6.0 + 1e-9
+        # spikes reach well beyond the body: the farthest voxel lies beyond every ellipsoid radius
+        assert distance.max() > 1.2 * max(shape.radii_mm)
 
 
 # --- phantom ---------------------------------------------------------------------------------------------

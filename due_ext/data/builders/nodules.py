@@ -7,7 +7,8 @@ point in the ellipsoid's own frame, scaled so the plain ellipsoid is the unit sp
     g(u) = 1 + sum_j a_j * exp((u . d_j - 1) / w_j)        (1 away from a lobe, 1 + a_j on its axis)
     f(x) = rho / g(u) - 1                                    (< 0 inside)
 
-The **mask is exactly** ``f < 0`` sampled at voxel centres; the image uses a soft edge
+A spicule is the same bump made narrow and tall (width ``w_j`` of 0.004-0.012 instead of 0.1-0.25): a thin
+spike leaving the surface. The **mask is exactly** ``f < 0`` sampled at voxel centres; the image uses a soft edge
 ``alpha = sigmoid(-f * r / edge)`` (``r`` the mean radius, so ``f * r`` approximates a signed distance in
 mm), which is 0.5 on the mask boundary. Texture is smoothed Gaussian noise, so a lesion is not a flat blob.
 """
@@ -34,12 +35,40 @@ class LesionShape:
     @property
     def bounding_radius_mm(self) -> float:
         """A radius (mm) around the centre that contains the whole lesion."""
-        return float(max(self.radii_mm) * (1.0 + float(np.sum(self.lobe_amplitudes))))
+        return float(max(self.radii_mm) * surface_bound(self.lobe_directions, self.lobe_amplitudes,
+                                                         self.lobe_widths))
 
     @property
     def mean_radius_mm(self) -> float:
         """Geometric mean of the ellipsoid radii (mm)."""
         return float(np.prod(self.radii_mm) ** (1.0 / 3.0))
+
+
+#: Bumps at most this wide count as spicules in :func:`surface_bound` (lobes are 0.1-0.25 wide).
+SPICULE_MAX_WIDTH = 0.05
+
+
+def surface_bound(directions: np.ndarray, amplitudes: np.ndarray, widths: np.ndarray) -> float:
+    """An upper bound of ``g(u)`` over all directions ``u``: the largest radius factor of the lesion.
+
+    Wide bumps (lobes) add at most their amplitude each. Narrow bumps (spicules, width <= ``SPICULE_MAX_WIDTH``)
+    are pairwise at least ``2 delta`` apart, so at any ``u`` at most one of them lies within ``delta``; the
+    others add at most ``a_k exp((cos delta - 1) / w_k)``. Summing every amplitude would also be a bound, but
+    one that shrinks a spiculated body to nothing.
+    """
+    amplitudes = np.asarray(amplitudes, dtype=np.float64)
+    narrow = np.asarray(widths) <= SPICULE_MAX_WIDTH
+    bound = 1.0 + float(amplitudes[~narrow].sum())
+    if narrow.sum() == 1:
+        bound += float(amplitudes[narrow].max())
+    elif narrow.sum() > 1:
+        spikes = np.asarray(directions, dtype=np.float64)[narrow]
+        cosines = np.clip(spikes @ spikes.T, -1.0, 1.0)
+        np.fill_diagonal(cosines, -1.0)
+        half_angle = 0.5 * float(np.arccos(cosines.max()))
+        tails = amplitudes[narrow] * np.exp((np.cos(half_angle) - 1.0) / np.asarray(widths)[narrow])
+        bound += min(float(amplitudes[narrow].sum()), float(amplitudes[narrow].max() + tails.sum()))
+    return bound
 
 
 def random_rotation(rng: np.random.Generator) -> np.ndarray:
@@ -62,12 +91,16 @@ def plain_ellipsoid(center_mm: tuple[float, float, float], radii_mm: tuple[float
 
 def random_lesion_shape(rng: np.random.Generator, diameter_mm: float, center_mm: tuple[float, float, float], *,
                         elongation: tuple[float, float] = (0.7, 1.0), lobulated_probability: float = 0.5,
-                        max_lobes: int = 4) -> LesionShape:
+                        max_lobes: int = 4, spiculated_probability: float = 0.0,
+                        max_spicules: int = 8) -> LesionShape:
     """A random lesion of about ``diameter_mm`` (its bounding diameter never exceeds it).
 
     Radii are ``diameter/2`` times factors drawn in ``elongation``; with probability
-    ``lobulated_probability`` 2..``max_lobes`` lobes of amplitude 0.15-0.35 are added, and the radii are
-    shrunk so that the lobes stay within the requested diameter.
+    ``lobulated_probability`` 2..``max_lobes`` lobes of amplitude 0.15-0.35 are added, with probability
+    ``spiculated_probability`` 3..``max_spicules`` spicules (amplitude 0.4-0.9, width 0.004-0.012, directions at
+    least 0.6 rad apart), and the radii are shrunk by :func:`surface_bound` so that everything stays within the
+    requested diameter. With ``spiculated_probability == 0`` the random stream is the one of a lesion without
+    the spicule option (builders that do not ask for spicules draw the same lesions as before).
     """
     if diameter_mm <= 0:
         raise ValueError(f"lesion diameter must be positive, got {diameter_mm}")
@@ -78,10 +111,29 @@ def random_lesion_shape(rng: np.random.Generator, diameter_mm: float, center_mm:
     directions /= np.linalg.norm(directions, axis=1, keepdims=True) + 1e-12
     amplitudes = rng.uniform(0.15, 0.35, size=n_lobes)
     widths = rng.uniform(0.1, 0.25, size=n_lobes)
-    radii = radii / (1.0 + amplitudes.sum())  # keep the bounding diameter at diameter_mm
+    if spiculated_probability > 0 and rng.random() < spiculated_probability:
+        spikes = _separated_directions(rng, int(rng.integers(3, max_spicules + 1)), min_angle=0.6)
+        directions = np.concatenate([directions, spikes])
+        amplitudes = np.concatenate([amplitudes, rng.uniform(0.4, 0.9, size=len(spikes))])
+        widths = np.concatenate([widths, rng.uniform(0.004, 0.012, size=len(spikes))])
+    radii = radii / surface_bound(directions, amplitudes, widths)  # keep the bounding diameter at diameter_mm
     return LesionShape(center_mm=tuple(float(c) for c in center_mm), radii_mm=tuple(float(r) for r in radii),
                        rotation=random_rotation(rng), lobe_directions=directions, lobe_amplitudes=amplitudes,
                        lobe_widths=widths)
+
+
+def _separated_directions(rng: np.random.Generator, count: int, min_angle: float) -> np.ndarray:
+    """Up to ``count`` random unit vectors ``(n, 3)``, pairwise at least ``min_angle`` radians apart (rejection;
+    gives fewer when 200 draws cannot place them all)."""
+    kept: list[np.ndarray] = []
+    for _ in range(200):
+        if len(kept) == count:
+            break
+        candidate = rng.normal(size=3)
+        candidate /= np.linalg.norm(candidate) + 1e-12
+        if all(float(candidate @ other) <= np.cos(min_angle) for other in kept):
+            kept.append(candidate)
+    return np.asarray(kept).reshape(-1, 3)
 
 
 def lesion_field(shape: LesionShape, grid_shape: tuple[int, int, int],
