@@ -231,15 +231,17 @@ class ExperimentCommands:
         if summary["failed"]:
             sys.exit(1)
 
-    def table(self, out: str) -> None:
+    def table(self, out: str, section: str = "test") -> None:
         """Print the Table-1-style markdown table of the experiment folder OUT (mean +- std over seeds, x100).
 
         Args:
             out: the folder `experiment run` wrote.
+            section: the evaluated datalist section: the test split or one of the experiment's extra_sections
+                (e.g. real_tumours).
         """
-        from due_ext.experiments import experiment_table
+        from due_ext.experiments.table import experiment_table
 
-        print(experiment_table(out))
+        print(experiment_table(out, section=section))
 
     def figures(self, out: str, figures_dir: str | None = None) -> None:
         """Write the paper-style figures of the experiment folder OUT: metric vs training-set size (Fig. 3),

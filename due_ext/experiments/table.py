@@ -160,16 +160,26 @@ def planned_groups(out: str | Path) -> dict[tuple[str, Any, Any], int] | None:
     return {key: len(seeds) for key, seeds in planned.items()}
 
 
-def experiment_table(out: str | Path) -> str:
-    """The markdown table of the experiment folder ``out`` (missing seeds and cells marked)."""
+def section_rows(rows: list[dict[str, Any]], section: str) -> list[dict[str, Any]]:
+    """``rows`` with ``metrics`` = the evaluation of ``section``: the test split for ``"test"``, else the row's
+    ``extra_sections`` entry (rows without it, or whose evaluation failed, are left out)."""
+    if section == "test":
+        return rows
+    return [{**row, "metrics": row["extra_sections"][section]} for row in rows
+            if "error" not in row.get("extra_sections", {}).get(section, {"error": "absent"})]
+
+
+def experiment_table(out: str | Path, section: str = "test") -> str:
+    """The markdown table of the experiment folder ``out`` (missing seeds and cells marked), on the test split
+    or on one of the experiment's ``extra_sections``."""
     from due_ext.experiments.runner import read_rows
 
-    rows = read_rows(out)
+    rows = section_rows(read_rows(out), section)
     planned = planned_groups(out)
     if planned is not None:
         # the bundle-default λ (None in the grid) is recorded in each row as the value it resolved to
         resolved = {(r["method"], r["train_size"]): r["lam"] for r in rows}
         planned = {(m, n, resolved.get((m, n), lam) if lam is None else lam): k for (m, n, lam), k in planned.items()}
     if not rows:
-        return f"{out}: no finished cell yet"
+        return f"{out}: no finished cell yet" + ("" if section == "test" else f" with section {section!r}")
     return markdown_table(rows, planned)
