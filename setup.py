@@ -4,15 +4,16 @@ nvcc is found (or ``FORCE_CUDA=1``). Install torch first, then ``pip install --n
 Environment:
   FORCE_CUDA=1          build the CUDA sources even if no GPU is visible (needs nvcc + a CUDA torch).
   DUE_EXT_NO_CUDA=1     never build CUDA sources.
-  DUE_EXT_CPU_ARCH=...  value for ``-march`` of the CPU kernels (default ``native``; ``x86-64-v2`` or
-                        ``none`` for a portable build).
+  DUE_EXT_CPU_ARCH=...  ``-march`` of the CPU kernels, only when set (e.g. ``native`` for this machine's CPU,
+                        ``x86-64-v3`` for AVX2 ones): the build then runs only on such CPUs. Unset or ``none``:
+                        no ``-march``, the compiler's default target, so the build runs on any CPU of the
+                        platform, as torch's own wheels do (ATen picks its vectorised kernels at run time).
 """
 
 from __future__ import annotations
 
 import glob
 import os
-import platform
 import sys
 
 from setuptools import setup
@@ -30,8 +31,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def _cpu_flags() -> list[str]:
     # No -std: torch.utils.cpp_extension picks the standard its headers need (C++17, C++20 from torch 2.14).
     flags = ["-O3", "-fopenmp"]
-    arch = os.environ.get("DUE_EXT_CPU_ARCH", "native")
-    if arch != "none" and platform.machine() in ("x86_64", "AMD64"):
+    # Host-specific code only on request: a -march=native build dies with SIGILL on an older CPU.
+    arch = os.environ.get("DUE_EXT_CPU_ARCH", "").strip()
+    if arch and arch != "none":
         flags.append(f"-march={arch}")
     return flags
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from due_ext.extras import install_command
+
 BACKEND_ENV = "DUE_EXT_BACKEND"
 BACKEND_NAMES = ("cpp", "cuda", "triton", "reference")
 
@@ -84,7 +86,7 @@ def _triton_status() -> BackendStatus:
     try:
         import triton  # noqa: F401
     except ImportError:
-        return BackendStatus("triton", False, "triton is not installed (pip install 'due-ext[triton]')")
+        return BackendStatus("triton", False, f"triton is not installed ({install_command('triton')})")
     if triton_interpreting():
         return BackendStatus("triton", True, "Triton interpreter (TRITON_INTERPRET=1), CPU tensors")
     if not torch.cuda.is_available():

@@ -10,6 +10,8 @@ import sys
 
 import fire
 
+from due_ext.extras import MissingExtraError
+
 
 class DataCommands:
     """Build demo datasets and validate datalists."""
@@ -321,4 +323,8 @@ class DueCLI:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m due_ext`` and the ``due-ext`` script."""
-    fire.Fire(DueCLI(), command=argv, name="due_ext")
+    try:
+        fire.Fire(DueCLI(), command=argv, name="due_ext")
+    except MissingExtraError as err:  # one line naming the extra to install, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
+import sys
 import zipfile
 from importlib import metadata
 from pathlib import Path
@@ -19,6 +21,7 @@ from due_ext.cli import main
 from due_ext.export import export_bundle, verify_bundle_metadata
 from due_ext.export.metadata import DRAFT_SCHEMA, STORED_SCHEMA, reconstruct_release_schema
 from due_ext.export.vendor import _rewrite_source
+from due_ext.extras import MissingExtraError, install_command, missing_modules
 
 BUNDLES = ("due", "interpolator", "uncertainty")
 UNVENDORED = re.compile(r"(?<![\w.])due_ext\b")
@@ -210,3 +213,37 @@ def test_rewrite_makes_imports_relative_and_renames_the_op_namespace():
     assert '"due_ext_bundle::op_triton"' in out and "torch.ops.due_ext_bundle.op_triton" in out
     with pytest.raises(ValueError, match="cannot be vendored"):
         _rewrite_source("import due_ext.data\n", "due_ext.x", is_package=False)
+
+
+# Without the `export` extra, MONAI's verify_metadata dies with "TypeError: catching classes that do not inherit
+# from BaseException" (its `except ValidationError` names a placeholder of the missing jsonschema). A module set to
+# None in sys.modules cannot be imported, which is what an environment without jsonschema looks like to both.
+_WITHOUT_JSONSCHEMA = "import sys; sys.modules['jsonschema'] = None; "
+
+
+def test_export_without_the_export_extra_names_it_in_one_line(tmp_path):
+    out = tmp_path / "interpolator"
+    command = ["bundle", "export", "interpolator", "--out", str(out)]
+    code = _WITHOUT_JSONSCHEMA + f"from due_ext.cli import main; main({command!r})"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "jsonschema" in lines[0] and "'export' extra" in lines[0]
+    assert f"-e '{REPO}[export]'" in lines[0]  # this checkout's install command
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # checked before anything is written
+
+
+def test_metadata_check_without_the_export_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "jsonschema", None)
+    with pytest.raises(MissingExtraError, match=r"jsonschema from the 'export' extra"):
+        verify_bundle_metadata(REPO / "bundles" / "interpolator" / "metadata.json")
+
+
+def test_install_command_fits_where_due_ext_lives(tmp_path):
+    assert install_command("export") == f"pip install --no-build-isolation -e '{REPO}[export]'"
+    copy = tmp_path / "scripts" / "due_ext"  # an exported bundle's vendored copy: no build files beside it
+    copy.mkdir(parents=True)
+    assert install_command("triton", copy) == "pip install 'due-ext[triton]'"
+    with pytest.raises(ValueError, match="not an optional extra"):
+        missing_modules("gpu")

@@ -29,6 +29,7 @@ from due_ext.bundles import bundle_root
 from due_ext.export.metadata import export_metadata, verify_bundle_metadata
 from due_ext.export.specs import COMMON_OVERRIDES, SPECS, ExportSpec
 from due_ext.export.vendor import VENDORED_PACKAGE, vendor_package
+from due_ext.extras import require_extra
 
 #: the model zoo keeps files above this size out of git and lists them in large_files.yml
 LARGE_FILE_MB = 25.0
@@ -189,10 +190,13 @@ def export_bundle(
     ``model``: the weights to ship as ``models/model.pt`` (a state dict of the bundle's ``network_def``);
     default ``bundles/<name>/models/model.pt``.
 
-    Returns a summary: ``{"bundle", "path", "configs", "modules", "large_files", "zip"}``.
+    Returns a summary: ``{"bundle", "path", "configs", "modules", "large_files", "zip"}``. Raises
+    :class:`~due_ext.extras.MissingExtraError` before writing anything when the ``export`` extra is missing.
     """
     if name not in SPECS:
         raise ValueError(f"bundle {name!r} is unknown; choose one of {', '.join(SPECS)}")
+    # the export ends by validating the metadata: fail before writing anything when that cannot run
+    require_extra("export", "exporting a bundle (python -m due_ext bundle export)")
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

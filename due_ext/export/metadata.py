@@ -28,6 +28,7 @@ from typing import Any
 
 from due_ext.export.specs import ExportSpec
 from due_ext.export.vendor import third_party_requirements
+from due_ext.extras import require_extra
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 #: MONAI's draft of the released schema, verbatim (see the module docstring)
@@ -130,7 +131,10 @@ def verify_bundle_metadata(
         meta_file: the bundle's ``configs/metadata.json``.
         schema: schema file (default: the stored one; never downloaded).
         official: download the released ``meta_schema_20220324.json`` (MD5-checked) and validate against it.
+
+    Raises :class:`~due_ext.extras.MissingExtraError` when ``jsonschema`` (the ``export`` extra) is missing.
     """
+    require_extra("export", "validating bundle metadata (monai.bundle.verify_metadata)")
     from monai.bundle import verify_metadata
 
     if official:
