@@ -97,7 +97,7 @@ def test_written_rows_specs_and_datalists_hold_no_absolute_path(grid):
             absolute = [v for v in _strings(json.loads(line)) if os.path.isabs(v)]
             assert absolute == [], (path, absolute)
     recorded = json.loads((out / "experiment.json").read_text())
-    assert recorded["data_root"] == "<cache>/data" and recorded["base_datalist"] == "datalist.json"
+    assert recorded["data_root"] == "<cache>/data" and recorded["base_datalist"] == "<cache>/data/datalist.json"
     assert recorded["experiment"]["datalist"] == "<cache>/data/datalist.json"
     assert recorded["experiment"]["path"] == "<cache>/tiny.json"
     for path in out.glob("datalists/*.json"):
@@ -178,6 +178,24 @@ def test_table_adds_localisation_columns_and_one_row_per_floor():
     old = markdown_table([{"method": "due", "seed": 0, "train_size": 20, "lam": 1.0,
                            "metrics": {"prediction": {"roc_auc": 0.5}, "explanation": {}}}])
     assert "Pointing" not in old and "floor" not in old
+
+
+def test_table_of_an_extra_section_uses_its_metrics_and_skips_failed_runs():
+    from due_ext.experiments.table import section_rows
+
+    def row(seed, iou, extra):
+        return {"method": "due", "seed": seed, "train_size": 20, "lam": 1.0,
+                "metrics": {"prediction": {"roc_auc": 0.9}, "explanation": {"iou": {"mean": 0.0}}},
+                "extra_sections": extra and {"real_tumours": extra}}
+
+    rows = [row(0, 0.0, {"prediction": {}, "explanation": {"iou": {"mean": 0.2}}}),
+            row(1, 0.0, {"prediction": {}, "explanation": {"iou": {"mean": 0.4}}}),
+            row(2, 0.0, {"error": "RuntimeError: boom"}), row(3, 0.0, {})]
+    assert section_rows(rows, "test") is rows
+    tumours = section_rows(rows, "real_tumours")
+    assert [r["seed"] for r in tumours] == [0, 1]
+    line = next(x for x in markdown_table(tumours).splitlines() if x.startswith("| DUE"))
+    assert f"| 30.00 ± {100 * np.std([0.2, 0.4], ddof=1):.2f} |" in line
 
 
 def test_training_subset_is_balanced_seeded_and_nested():

@@ -134,7 +134,7 @@ def run_experiment(config: str | Path, out: str | Path, workers: int = 1, thread
             recorded["datalist"] = portable_path(experiment.datalist)
         write_json_atomic(out / EXPERIMENT_FILE, {
             "experiment": recorded, "data_root": portable_path(root),
-            "base_datalist": Path(base).resolve().relative_to(root).as_posix(),
+            "base_datalist": portable_path(base),
             "cells": [c.cell_id for c in cells], "revision": revision, "command": _command()})
         bar = tqdm(total=len(cells), initial=len(cells) - len(pending), desc=experiment.name, unit="cell",
                    disable=not progress, file=sys.stderr)
