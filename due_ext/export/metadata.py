@@ -85,19 +85,9 @@ def distribution_version(name: str) -> str:
     return importlib_metadata.version(name).split("+")[0]
 
 
-def _rename_io(section: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
-    renamed = {}
-    for key, value in section.items():
-        new = names.get(key, key)
-        if new != key:
-            value = {**value, "channel_def": {k: f"{key}: {v}" for k, v in value.get("channel_def", {}).items()}}
-        renamed[new] = value
-    return renamed
-
-
 def export_metadata(source: dict[str, Any], spec: ExportSpec, vendored: Iterable[str]) -> dict[str, Any]:
     """The repository's ``metadata.json`` for the exported bundle: versions of this environment, the
-    requirements of the vendored code instead of ``due-ext``, schema field names, I/O names the schema wants."""
+    requirements of the vendored code instead of ``due-ext``, schema field names."""
     meta = copy.deepcopy(source)
     meta["schema"] = OFFICIAL_SCHEMA_URL
     if meta.get("version") not in meta.get("changelog", {}):
@@ -116,9 +106,6 @@ def export_metadata(source: dict[str, Any], spec: ExportSpec, vendored: Iterable
     for name in meta.pop("optional_packages_version", {}):
         required[name] = distribution_version(name)
     meta["required_packages_version"] = dict(sorted(required.items(), key=lambda item: item[0].lower()))
-    fmt = meta["network_data_format"]
-    for section in ("inputs", "outputs"):
-        fmt[section] = _rename_io(fmt[section], spec.io_names.get(section, {}))
     return meta
 
 

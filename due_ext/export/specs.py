@@ -47,20 +47,15 @@ class ExportSpec:
         name: folder name under ``bundles/``.
         overrides: per config file, config keys replaced in the export (after the ``due_ext`` rewrite).
         extra_models: files copied into ``models/``: ``{target name: (source bundle, file under its models/)}``.
-        io_names: renames of ``network_data_format`` inputs/outputs to the names the schema requires
-            (``image`` in, ``pred`` out).
         data_license: text of ``docs/data_license.txt``.
         usage: markdown of the "Exported bundle" section prepended to ``docs/README.md``.
-        weights: the default weights to ship, relative to the repository bundle's ``models/`` folder.
     """
 
     name: str
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra_models: dict[str, tuple[str, str]] = field(default_factory=dict)
-    io_names: dict[str, dict[str, str]] = field(default_factory=dict)
     data_license: str = _PHANTOM_LICENSE
     usage: str = ""
-    weights: str = "model.pt"
 
 
 _DUE_USAGE = """\
@@ -70,8 +65,8 @@ ops run instead). Install the packages of `configs/metadata.json` (`monai`, `tor
 `nibabel`, `scipy`, ...).
 
 ```bash
-# inference: every NIfTI volume in --input_dir -> eval/inference/predictions.json + <name>_gradcam.nii.gz
-python -m monai.bundle run --config_file configs/inference.json --input_dir /data/volumes
+# inference: every NIfTI volume in --dataset_dir -> eval/inference/predictions.json + <name>_gradcam.nii.gz
+python -m monai.bundle run --config_file configs/inference.json --dataset_dir /data/volumes
 # train (ends by evaluating the best model on the test split: eval/<method>/test/metrics.json and figures);
 # method `due` needs `interpolation` and `weights` on every annotated positive of the datalist:
 python -m monai.bundle run --config_file configs/train.json --datalist /data/derived/datalist.json
@@ -87,8 +82,9 @@ python -m monai.bundle onnx_export network_def --filepath models/model.onnx --ck
     --converter_kwargs "{'dynamo': False}"
 ```
 
-Datalists. Without `--datalist`, the configs build the `lung-ct` demo set on first use (downloads the
-pyradiomics 3.0.1 sources with pip; see docs/data_license.txt). With the DUE package installed,
+Datalists. `--dataset_dir DIR` trains on `DIR/datalist.json`, `--datalist PATH` on that file (relative paths
+resolve against the datalist's folder). Without either, the configs build the `lung-ct` demo set on first use
+(downloads the pyradiomics 3.0.1 sources with pip; see docs/data_license.txt). With the DUE package installed,
 `python -m due_ext data build lung-ct --out DIR` (or `phantom`, offline) writes the same kind of datalist.
 The exported bundle does not derive `interpolation` and `weights` itself (that needs the two upstream
 bundles): run the exported `interpolator` and `uncertainty` bundles' inference on the datalist first,
@@ -115,11 +111,13 @@ python -m monai.bundle run --config_file configs/inference.json --datalist {data
 python -m monai.bundle run --config_file configs/train.json
 ```
 
-`network_data_format` in `configs/metadata.json` names the bundle's volume input `image` (the sparse
-annotation) and its main output `pred` ({pred}), as the model-zoo schema requires.
+`network_data_format` in `configs/metadata.json` describes the network's own tensors: its first input `image`
+({image}), the others it takes beside it ({others}) and its output `pred` ({pred}).
 
-TorchScript/ONNX: not provided for this network. MONAI's `ckpt_export`/`onnx_export` feed one input tensor,
-this network takes several, and `torch.jit.script` rejects its Python-only input checks and output types.
+Model-zoo checks: MONAI's `verify_net_in_out` and `ckpt_export`/`onnx_export` call the network with `image`
+alone; this network needs its other inputs too (`verify_net_in_out` passes with them as `extra_forward_args`),
+and `torch.jit.script` rejects {script}. The zoo lists such bundles in `ci/bundle_custom_data.py`
+(`exclude_verify_shape_list`, `exclude_verify_torchscript_list`), as it does MONAI's own diffusion bundles.
 """
 
 
@@ -133,34 +131,28 @@ DEPLOY_SECTION = {
     }
 }
 
-#: where an exported bundle's configs find ``model.pt``
-EXPORTED_CKPT_DIR = "$@bundle_root + '/models'"
-
 SPECS: dict[str, ExportSpec] = {
     "due": ExportSpec(
         name="due",
         overrides={
             # the repository derives interpolation/weights with the two sibling bundles; an exported bundle
             # has no siblings, so it asks for a datalist that has them (docs/README.md says how)
-            # the repository keeps one trained model per run (models/<run_name>/); an exported bundle ships
-            # one, in the model zoo's place: models/model.pt
             "train.json": {
-                "training_datalist": "$scripts.due_ext.bundles.prepared_datalist(@datalist, @method, derive=False)",
-                "ckpt_dir": EXPORTED_CKPT_DIR,
+                "training_datalist": "$scripts.due_ext.bundles.prepared_datalist(@datalist, @method, derive=False)"
             },
             # what MONAI Deploy's MonaiBundleInferenceOperator runs on the in-memory (X, Y, Z) array it
             # receives (its loader replaces LoadImaged; deploy/app.py): channel first, float32
-            "inference.json": {"deploy": DEPLOY_SECTION, "ckpt_dir": EXPORTED_CKPT_DIR},
+            "inference.json": {"deploy": DEPLOY_SECTION},
         },
-        weights="due/model.pt",  # what `train.json` with the default method writes
         data_license=_LUNG_CT_LICENSE,
         usage=_DUE_USAGE,
     ),
     "interpolator": ExportSpec(
         name="interpolator",
-        io_names={"inputs": {"annotation": "image"}, "outputs": {"interpolation": "pred"}},
         usage=_UPSTREAM_USAGE.format(
-            key="interpolation` and `variance", datalist="/data/datalist.json", pred="the interpolation"
+            key="interpolation` and `variance", datalist="/data/datalist.json",
+            image="the noisy target slice `x_t`, a float32 24 x 24 crop", others="`timesteps`, `prev`, `next`, "
+            "`position`, `span`", pred="the v-prediction", script="MONAI's DiffusionModelUNet it is built on",
         ),
     ),
     "uncertainty": ExportSpec(
@@ -168,11 +160,12 @@ SPECS: dict[str, ExportSpec] = {
         # its training targets come from the interpolator, shipped beside its own weights
         overrides={"train.json": {"interpolator_weights": "$@bundle_root + '/models/interpolator.pt'"}},
         extra_models={"interpolator.pt": ("interpolator", "model.pt")},
-        io_names={"inputs": {"annotation": "image"}, "outputs": {"variance": "pred"}},
         usage=_UPSTREAM_USAGE.format(
             key="variance` and `weights",
             datalist="/data/derived/interpolator/datalist.json",
-            pred="the predicted variance",
+            image="the binary float32 24 x 24 crop of the annotated slice that opens a gap", others="`upper`, "
+            "`gaps`", pred="the `log_var` of its `NeuralProcessOutput`, log(variance + eps) per missing slice",
+            script="its Python-only input checks and output dataclass",
         ),
     ),
 }
