@@ -189,7 +189,7 @@ class BundleCommands:
             zip: also write OUT.zip (the bundle folder inside, as the model zoo publishes it).
             large_file_mb: size above which a file is listed in large_files.yml (model zoo: 25 MB).
             model: weights to ship as models/model.pt (default: bundles/NAME/models/model.pt; the DUE
-                bundle's is written by its training, e.g. `make demo`).
+                bundle's is bundles/due/models/due/model.pt, written by its training, e.g. `make demo`).
         """
         from due_ext.export import export_bundle
 

@@ -5,6 +5,7 @@ forward hook, and the oracle map of :mod:`due_ext.metrics.cam_ceiling` (the mask
 Grad-CAM upsample + min-max + threshold) is scored against every test positive's mask. Prints a markdown table.
 
     python experiments/cam_ceiling.py                       # the lung-ct demo set of experiments/table1.yaml
+    python experiments/cam_ceiling.py --dataset bounded     # the lesion-bounded demo set (bundles/due/bounded.json)
     python experiments/cam_ceiling.py --datalist PATH --section test
 """
 
@@ -42,12 +43,13 @@ def main() -> None:
     from due_ext.metrics.cam_ceiling import oracle_cam_iou
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datalist", help="datalist with a 'mask' per positive (default: the lung-ct demo set)")
+    parser.add_argument("--datalist", help="datalist with a 'mask' per positive (default: the --dataset demo set)")
+    parser.add_argument("--dataset", default="lung-ct", help="demo dataset read without --datalist (e.g. bounded)")
     parser.add_argument("--section", default="test")
     parser.add_argument("--layers", default="layer1,layer2,layer3,layer4")
     parser.add_argument("--thresholds", default="0.3,0.5,0.7")
     args = parser.parse_args()
-    datalist = Path(args.datalist or demo_datalist("lung-ct", seed=0))
+    datalist = Path(args.datalist or demo_datalist(args.dataset, seed=0))
     # the lesion masks of the section (negatives have empty masks and are skipped)
     masks = torch.stack([torch.from_numpy(mask.astype(np.float32))
                          for _, mask in load_masks_for_evaluation(datalist, [args.section])])

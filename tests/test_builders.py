@@ -194,6 +194,21 @@ def test_phantom_is_deterministic_and_rebuilds_cleanly(tmp_path):
     assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]  # no staging left
 
 
+def test_builder_chosen_annotated_slices_must_hold_lesion(tmp_path):
+    from due_ext.data.builders.output import StagedDataset
+
+    mask = np.zeros((4, 4, 5), dtype=np.uint8)
+    mask[1:3, 1:3, 1:4] = 1
+    with StagedDataset(tmp_path / "s") as staged:
+        item = staged.add_item("training", "a", mask.astype(np.float32), np.eye(4), 1, mask=mask,
+                               annotated_slices=[3, 1, 3])
+        assert item[schema.ANNOTATED_SLICES] == [1, 3]  # sorted, unique; every_k not needed
+        for bad in ([0, 1], [5], []):  # slice 0 holds no lesion, 5 is outside Z, none at all
+            with pytest.raises(ValueError, match="annotated slices"):
+                staged.add_item("training", "b", mask.astype(np.float32), np.eye(4), 1, mask=mask,
+                                annotated_slices=bad)
+
+
 def test_build_errors(tmp_path):
     with pytest.raises(ValueError, match="phantom, lung-ct"):
         build_dataset("brain", tmp_path / "x")

@@ -41,9 +41,14 @@ def _assert_test_report(test_dir: Path) -> None:
 
 
 def test_train_writes_best_model_checkpoint_and_test_report(trained):
+    import torch
+
     _, root = trained
-    assert (root / "models" / "model.pt").is_file()
-    assert (root / "eval" / "baseline_plus" / "checkpoints" / "checkpoint_epoch=1.pt").is_file()
+    assert (root / "models" / "baseline_plus" / "model.pt").is_file()  # one folder per method (run name)
+    checkpoint = root / "eval" / "baseline_plus" / "checkpoints" / "checkpoint_epoch=1.pt"
+    validator = torch.load(checkpoint, weights_only=True)["validator"]
+    # the model selection is in the checkpoint, so a resumed run does not forget its best epoch
+    assert validator["best_metric_epoch"] == 1 and 0.0 <= validator["best_metric"] <= 1.0
     _assert_test_report(root / "eval" / "baseline_plus" / "test")
 
 
@@ -57,6 +62,18 @@ def test_evaluate_writes_metrics_and_figures(trained):
     _assert_test_report(test_dir)
 
 
+def test_evaluate_loads_the_model_of_its_own_method(trained):
+    """Evaluating a method that was not trained fails loudly instead of scoring another method's model."""
+    tmp, root = trained
+    configs = json.dumps([str(BUNDLE / "train.json"), str(BUNDLE / "evaluate.json")])
+    args = [a if a != "baseline_plus" else "gradia" for a in TINY]
+    env = dict(os.environ, DUE_EXT_CACHE=str(tmp / "cache"), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root",
+                          str(root), *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert run.returncode != 0 and "models/gradia/model.pt: model weights not found" in run.stderr
+    assert not (root / "eval" / "gradia").exists()
+
+
 def test_inference_writes_probabilities_and_gradcam(trained):
     tmp, root = trained
     images = sorted((tmp / "cache" / "datasets").glob("phantom-*/images/test_*.nii.gz"))[:2]
@@ -65,7 +82,7 @@ def test_inference_writes_probabilities_and_gradcam(trained):
     for image in images:
         shutil.copy(image, inputs / image.name)
     _bundle(["run", "--config_file", str(BUNDLE / "inference.json"), "--bundle_root", str(root),
-             "--input_dir", str(inputs), "--block_inplanes", "[4, 8, 8, 8]"], tmp)
+             "--input_dir", str(inputs), "--run_name", "baseline_plus", "--block_inplanes", "[4, 8, 8, 8]"], tmp)
     predictions = json.loads((root / "eval" / "inference" / "predictions.json").read_text())
     assert len(predictions) == 2
     for entry in predictions.values():
@@ -77,7 +94,7 @@ def test_inference_fails_loudly_without_weights(tmp_path):
     env = dict(os.environ, DUE_EXT_CACHE=str(tmp_path / "cache"))
     run = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE / "inference.json"),
                           "--bundle_root", str(tmp_path)], capture_output=True, text=True, cwd=REPO, env=env)
-    assert run.returncode != 0 and "model weights not found" in run.stderr
+    assert run.returncode != 0 and "models/due/model.pt: model weights not found" in run.stderr
 
 
 def test_network_input_output_and_metadata(trained):
@@ -93,7 +110,7 @@ def test_two_process_training_on_cpu(tmp_path):
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2")
     _bundle(["-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(root), *TINY], tmp_path,
             runner=torchrun)
-    assert (root / "models" / "model.pt").is_file()
+    assert (root / "models" / "baseline_plus" / "model.pt").is_file()
     import torch
 
     state = torch.load(root / "eval" / "baseline_plus" / "checkpoints" / "checkpoint_epoch=1.pt", weights_only=True)

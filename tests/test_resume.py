@@ -1,24 +1,44 @@
-"""Exact resume: a run killed with SIGKILL after epoch 2 and restarted reaches the same weights as an
-uninterrupted run with the same seed; inference refuses missing weights."""
+"""Exact resume: a run killed with SIGKILL after epoch 2 and restarted reaches the same weights, and keeps the
+same best model, as an uninterrupted run with the same seed; inference refuses missing weights."""
 
+import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 from due_ext.engines import latest_checkpoint, load_network_weights, save_state_dict
 
+#: validation key metric of epochs 1, 2, 3: epoch 2 is the best and is followed by a worse epoch 3 that still
+#: beats epoch 1, so a resume that forgets (or saves before) epoch 2's validation would keep epoch 3
+VALIDATION_SCRIPT = (0.5, 0.9, 0.7)
+
 SCRIPT = textwrap.dedent("""
-    import os, sys
+    import json, os, sys
     import torch
     from ignite.engine import Events
+    from ignite.metrics import Metric
+    from monai.handlers import ValidationHandler
     from torch.utils.data import DataLoader
     sys.path.insert(0, {tests!r})
     from test_engines import tiny_batch, tiny_resnet
-    from due_ext.engines import EpochSeeder, ExplanationTrainer, TrainingCheckpoint, save_state_dict
+    from due_ext.engines import (BestModelSaver, EpochSeeder, ExplanationEvaluator, ExplanationTrainer,
+                                 TrainingCheckpoint, save_state_dict)
     from due_ext.explain.supervision import ExplanationSupervision
+
+    class ScriptedMetric(Metric):
+        # the validation score of each epoch, fixed in advance: the test decides which epoch is best
+        def reset(self):
+            pass
+        def update(self, output):
+            pass
+        def iteration_completed(self, engine):
+            self.epoch = engine.state.epoch
+        def compute(self):
+            return {scores!r}[self.epoch - 1]
 
     out, kill_after = sys.argv[1], int(sys.argv[2])
     batch = tiny_batch(0)
@@ -26,41 +46,75 @@ SCRIPT = textwrap.dedent("""
     loader = DataLoader(items * 2, batch_size=3, shuffle=True)  # order depends on the epoch's seed
     network = tiny_resnet(seed=1)
     optimizer = torch.optim.Adam(network.parameters(), 1e-3)
+    validator = ExplanationEvaluator(device=torch.device("cpu"), val_data_loader=[tiny_batch(1)], network=network,
+                                     key_val_metric={{"val_scripted": ScriptedMetric()}},
+                                     val_handlers=[BestModelSaver(network, out + "/model.pt")])
     trainer = ExplanationTrainer(device=torch.device("cpu"), max_epochs=3, train_data_loader=loader,
                                  network=network, optimizer=optimizer, supervision=ExplanationSupervision("due"))
     EpochSeeder(seed=7).attach(trainer)
-    objects = {{"network": network, "optimizer": optimizer}}
-    TrainingCheckpoint(out + "/ckpt", objects).attach(trainer)
+    # attached before the validation handler, as in bundles/due/train.json
+    TrainingCheckpoint(out + "/ckpt", {{"network": network, "optimizer": optimizer, "validator": validator}}
+                       ).attach(trainer)
+    ValidationHandler(validator=validator, epoch_level=True, interval=1).attach(trainer)
     if kill_after:
-        @trainer.on(Events.EPOCH_COMPLETED(once=kill_after))
-        def _die(engine):
+        @trainer.on(Events.EPOCH_STARTED(once=kill_after + 1))
+        def _die(engine):  # everything of epoch `kill_after` has run, validation and checkpoint included
             os.kill(os.getpid(), 9)
     trainer.run()
     save_state_dict(network.state_dict(), out + "/final.pt")
+    with open(out + "/best.json", "w") as f:
+        json.dump({{"best_metric": validator.state.best_metric,
+                   "best_metric_epoch": validator.state.best_metric_epoch}}, f)
 """)
 
 
 def _run(script, out, kill_after):
     return subprocess.run([sys.executable, str(script), str(out), str(kill_after)], capture_output=True, text=True,
-                          env={"DUE_EXT_BACKEND": "reference", "PATH": "/usr/bin:/bin"})
+                          env={"DUE_EXT_BACKEND": "reference", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
 
 
-def test_sigkill_then_resume_reaches_the_same_weights(tmp_path):
-    script = tmp_path / "train.py"
-    script.write_text(SCRIPT.format(tests=str(__import__("pathlib").Path(__file__).parent)))
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    assert _run(script, straight, 0).returncode == 0
+@pytest.fixture(scope="module")
+def straight_and_resumed(tmp_path_factory):
+    """One uninterrupted 3-epoch run, and one killed after epoch 2 then started again with the same command."""
+    tmp = tmp_path_factory.mktemp("resume")
+    script = tmp / "train.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), scores=VALIDATION_SCRIPT))
+    straight, interrupted = tmp / "straight", tmp / "interrupted"
+    run = _run(script, straight, 0)
+    assert run.returncode == 0, run.stderr
     killed = _run(script, interrupted, 2)
-    assert killed.returncode == -9  # really killed, after epoch 2's checkpoint
+    assert killed.returncode == -9, killed.stderr  # really killed, after epoch 2's checkpoint
     assert latest_checkpoint(interrupted / "ckpt").name == "checkpoint_epoch=2.pt"
     assert not (interrupted / "final.pt").exists()
+    best_before_resume = (interrupted / "model.pt").read_bytes()
     resumed = _run(script, interrupted, 0)
     assert resumed.returncode == 0, resumed.stderr
-    a = torch.load(straight / "final.pt", weights_only=True)
-    b = torch.load(interrupted / "final.pt", weights_only=True)
+    return straight, interrupted, best_before_resume
+
+
+def _assert_same_weights(a_path, b_path):
+    a, b = torch.load(a_path, weights_only=True), torch.load(b_path, weights_only=True)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_sigkill_then_resume_reaches_the_same_weights(straight_and_resumed):
+    straight, interrupted, _ = straight_and_resumed
+    _assert_same_weights(straight / "final.pt", interrupted / "final.pt")
+
+
+def test_resume_keeps_the_best_model_of_before_the_kill(straight_and_resumed):
+    """The best epoch (2) was validated before the kill; the worse epoch 3 after the resume must not replace it."""
+    straight, interrupted, best_before_resume = straight_and_resumed
+    expected = {"best_metric": max(VALIDATION_SCRIPT), "best_metric_epoch": 2}
+    assert json.loads((straight / "best.json").read_text()) == expected
+    assert json.loads((interrupted / "best.json").read_text()) == expected
+    assert (interrupted / "model.pt").read_bytes() == best_before_resume  # not rewritten after the resume
+    _assert_same_weights(straight / "model.pt", interrupted / "model.pt")
+    final = torch.load(interrupted / "final.pt", weights_only=True)
+    best = torch.load(interrupted / "model.pt", weights_only=True)
+    assert not torch.equal(final["conv1.weight"], best["conv1.weight"])  # epoch 3 did train on
 
 
 def test_load_network_weights_is_strict_and_loud(tmp_path):

@@ -1,9 +1,12 @@
 """Checkpoints that survive a crash and resume exactly.
 
-- :class:`TrainingCheckpoint` (on the trainer): after every epoch, atomically saves the state dicts of the
-  network, optimizer, trainer (epoch/iteration) and anything else given; on start, resumes from the newest
-  one (``weights_only=True``). Together with :class:`EpochSeeder` (random state of epoch ``e`` depends only on
-  ``(seed, e)``), an interrupted run that resumes reaches the same weights as an uninterrupted one.
+- :class:`TrainingCheckpoint` (on the trainer): after every epoch, once the epoch's other handlers (validation
+  included) have run, atomically saves the state dicts of the network, optimizer, trainer (epoch/iteration,
+  gradient scaler) and anything else given, such as the validation evaluator (its best metric and best epoch,
+  :class:`~due_ext.engines.evaluator.ExplanationEvaluator`); on start, resumes from the newest one
+  (``weights_only=True``). Together with :class:`EpochSeeder` (random state of epoch ``e`` depends only on
+  ``(seed, e)``), an interrupted run that resumes reaches the same weights and keeps the same best model as an
+  uninterrupted one.
 - :class:`BestModelSaver` (on the validation evaluator): writes the network's plain state dict whenever the
   evaluator's key metric improves (the model selection of the paper: validation PR-AUC).
 - :func:`load_network_weights`: the strict, loud loader inference uses.
@@ -46,9 +49,18 @@ class TrainingCheckpoint:
     """Save ``objects`` (name -> object with ``state_dict``/``load_state_dict``) and the trainer it is attached
     to (as ``"trainer"``: epoch and iteration) after each epoch; resume from the newest on start.
 
+    The save is registered when the trainer starts, so it runs after every ``EPOCH_COMPLETED`` handler attached
+    before (``ValidationHandler`` wherever it sits in the handler list): the checkpoint of epoch ``e`` holds
+    the model selection of epoch ``e``'s validation. A kill between that validation and the save resumes
+    from epoch ``e - 1`` and repeats epoch ``e`` identically.
+
+    Why not MONAI's ``CheckpointSaver``/``CheckpointLoader`` (ignite ``Checkpoint``): the loader needs one
+    fixed, existing file named at configuration time, while a run that is started again with the same command
+    must resume from the newest checkpoint if there is one and start fresh otherwise.
+
     Args:
         directory: where ``checkpoint_epoch=N.pt`` files go.
-        objects: e.g. ``{"network": net, "optimizer": opt}``.
+        objects: e.g. ``{"network": net, "optimizer": opt, "validator": evaluator}``.
         resume: load the newest checkpoint when the trainer starts.
         keep_last: how many epoch checkpoints to keep.
         save: write checkpoints (``False`` on the non-main processes of a multi-process run, which only resume).
@@ -67,6 +79,11 @@ class TrainingCheckpoint:
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load_latest)
         if self.save_enabled:
+            engine.add_event_handler(Events.STARTED, self._register_save)
+
+    def _register_save(self, engine: Engine) -> None:
+        # registered at STARTED, after every handler the configuration attached: the save runs last
+        if not engine.has_event_handler(self.save, Events.EPOCH_COMPLETED):
             engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
     def load_latest(self, engine: Engine) -> None:

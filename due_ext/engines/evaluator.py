@@ -1,38 +1,72 @@
 """The evaluator: class probabilities and the Grad-CAM of the predicted class for every item, in one pass.
 
 Its ``state.output`` (not decollated) holds ``label`` (B,), ``pred`` = probabilities (B, K), ``cam`` =
-normalised Grad-CAM (B, X, Y, Z), ``mask`` = the reference mask for explanation metrics (the full ground
-truth ``mask`` when the batch has one for the item, else the annotation) and ``has_mask`` (B,) bool.
+normalised Grad-CAM (B, X, Y, Z), ``mask`` = the reference mask for explanation metrics (per item, the full
+ground-truth ``mask`` when it has one, else its sparse annotation: :func:`reference_mask`) and ``has_mask``
+(B,) bool.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, NamedTuple
 
 import torch
+from ignite.engine import Events
 from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
 from due_ext.data import schema
-from due_ext.engines.trainer import batch_to_device
+from due_ext.engines.batches import batch_item_names, batch_to_device, describe_items
 from due_ext.explain.cam import normalized_cam
 from due_ext.explain.supervision import labels_of
 
 
-def reference_mask(batch: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The mask explanations are scored against, ``(B, X, Y, Z)``, and which items have one (B,) bool."""
-    for key in (schema.MASK, schema.ANNOTATION):
-        if key in batch:
-            mask = torch.as_tensor(batch[key])
-            mask = mask[:, 0] if mask.dim() == 5 else mask
-            return mask, mask.flatten(1).amax(1) > 0.5
+class ReferenceMask(NamedTuple):
+    """What explanations are scored against (see :func:`reference_mask`)."""
+
+    mask: torch.Tensor | None  # (B, X, Y, Z)
+    has_mask: torch.Tensor  # (B,) bool: items with a reference
+    from_annotation: torch.Tensor  # (B,) bool: items whose reference is the sparse annotation
+
+
+def _volume(batch: dict[str, Any], key: str) -> torch.Tensor | None:
+    if key not in batch:
+        return None
+    value = torch.as_tensor(batch[key])
+    return value[:, 0] if value.dim() == 5 else value
+
+
+def _nonempty(volume: torch.Tensor | None, count: int, device: torch.device) -> torch.Tensor:
+    if volume is None:
+        return torch.zeros(count, dtype=torch.bool, device=device)
+    return volume.flatten(1).amax(1) > 0.5
+
+
+def reference_mask(batch: dict[str, Any]) -> ReferenceMask:
+    """Per item, the full ``mask`` when it has a voxel; otherwise (no ``mask`` key, or the empty volume that
+    :class:`~due_ext.data.transforms.FillMissingExplanationKeysd` puts in place of a missing one) the sparse
+    ``annotation`` when it has one; otherwise nothing (the item is not scored)."""
     image = torch.as_tensor(batch[schema.IMAGE])
-    return None, torch.zeros(image.shape[0], dtype=torch.bool, device=image.device)
+    full, annotation = _volume(batch, schema.MASK), _volume(batch, schema.ANNOTATION)
+    has_full = _nonempty(full, image.shape[0], image.device)
+    from_annotation = ~has_full & _nonempty(annotation, image.shape[0], image.device)
+    if full is None or annotation is None:
+        mask = full if annotation is None else annotation
+    else:
+        mask = torch.where(from_annotation.view(-1, *([1] * (full.dim() - 1))), annotation.to(full.dtype), full)
+    return ReferenceMask(mask, has_full | from_annotation, from_annotation)
 
 
 class ExplanationEvaluator(SupervisedEvaluator):
     """``SupervisedEvaluator`` that also computes Grad-CAM (predicted class) for the explanation metrics.
+
+    Its ``state_dict()`` carries the model selection (``best_metric``, ``best_metric_epoch``), so a training
+    checkpoint that includes the validation evaluator resumes without forgetting its best epoch.
+
+    When a positive case has no full ``mask`` and its explanation is scored against the sparse annotation
+    instead, the evaluator warns once (at the end of the first epoch where it happened), naming those cases.
 
     Args:
         target_layer: Grad-CAM layer of the network.
@@ -43,6 +77,19 @@ class ExplanationEvaluator(SupervisedEvaluator):
         kwargs.setdefault("decollate", False)
         super().__init__(*args, **kwargs)
         self.target_layer = target_layer
+        self.state_dict_user_keys.extend(["best_metric", "best_metric_epoch"])
+        self._annotation_scored: list[str] = []
+        self._fallback_warned = False
+        self.add_event_handler(Events.EPOCH_COMPLETED, self._warn_annotation_fallback)
+
+    def _warn_annotation_fallback(self, _engine: ExplanationEvaluator) -> None:
+        if self._annotation_scored and not self._fallback_warned:
+            self._fallback_warned = True
+            warnings.warn(
+                f"{len(self._annotation_scored)} positive case(s) have no full 'mask'; their explanations are "
+                f"scored against the sparse 'annotation' (the drawn slices only): "
+                f"{describe_items(self._annotation_scored)}", UserWarning, stacklevel=2)
+        self._annotation_scored = []
 
     def _iteration(self, engine: ExplanationEvaluator, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
         from due_ext.explain.gradcam import gradcam_features
@@ -56,16 +103,21 @@ class ExplanationEvaluator(SupervisedEvaluator):
             found = gradcam_features(engine.network, image, class_index=None, target_layer=engine.target_layer)
             cam = normalized_cam(found.features.detach(), found.alpha.detach(), image.shape[2:])
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        mask, has_mask = reference_mask(batch)
+        # unlabelled inputs (inference) get label -1
+        labels = labels_of(batch).to(image.device) if schema.LABEL in batch \
+            else torch.full((image.shape[0],), -1, dtype=torch.long, device=image.device)
+        reference = reference_mask(batch)
+        fallback = (reference.from_annotation & (labels == 1)).tolist()
+        if any(fallback):
+            names = batch_item_names(batch)
+            engine._annotation_scored += [n for n, f in zip(names, fallback, strict=True) if f]
         engine.state.output = {
             Keys.IMAGE: image,
-            # unlabelled inputs (inference) get label -1
-            Keys.LABEL: labels_of(batch).to(image.device) if schema.LABEL in batch
-            else torch.full((image.shape[0],), -1, dtype=torch.long, device=image.device),
+            Keys.LABEL: labels,
             Keys.PRED: torch.softmax(found.logits.detach().float(), dim=1),
             "cam": cam,
-            "mask": mask,
-            "has_mask": has_mask,
+            "mask": reference.mask,
+            "has_mask": reference.has_mask,
         }
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

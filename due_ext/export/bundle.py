@@ -124,7 +124,7 @@ def _readme(spec: ExportSpec, source: Path) -> str:
 
 
 def _weights(spec: ExportSpec, source: Path, model: str | os.PathLike | None) -> Path:
-    path = Path(model) if model is not None else source / "models" / "model.pt"
+    path = Path(model) if model is not None else source / "models" / spec.weights
     if not path.is_file():
         # bundles/due/models/ holds a training run's output (not in git); the two upstream models are shipped
         raise FileNotFoundError(
@@ -188,7 +188,8 @@ def export_bundle(
     """Export ``bundles/<name>`` to the folder ``out`` (replaced if it exists); with ``zip`` also ``out.zip``.
 
     ``model``: the weights to ship as ``models/model.pt`` (a state dict of the bundle's ``network_def``);
-    default ``bundles/<name>/models/model.pt``.
+    default ``bundles/<name>/models/model.pt`` (``bundles/due/models/due/model.pt`` for ``due``: a DUE training
+    run writes ``models/<run_name>/model.pt``).
 
     Returns a summary: ``{"bundle", "path", "configs", "modules", "large_files", "zip"}``. Raises
     :class:`~due_ext.extras.MissingExtraError` before writing anything when the ``export`` extra is missing.

@@ -49,6 +49,7 @@ class ExportSpec:
         extra_models: files copied into ``models/``: ``{target name: (source bundle, file under its models/)}``.
         data_license: text of ``docs/data_license.txt``.
         usage: markdown of the "Exported bundle" section prepended to ``docs/README.md``.
+        weights: the default weights to ship, relative to the repository bundle's ``models/`` folder.
     """
 
     name: str
@@ -56,6 +57,7 @@ class ExportSpec:
     extra_models: dict[str, tuple[str, str]] = field(default_factory=dict)
     data_license: str = _PHANTOM_LICENSE
     usage: str = ""
+    weights: str = "model.pt"
 
 
 _DUE_USAGE = """\
@@ -131,19 +133,26 @@ DEPLOY_SECTION = {
     }
 }
 
+#: where an exported bundle's configs find ``model.pt``
+EXPORTED_CKPT_DIR = "$@bundle_root + '/models'"
+
 SPECS: dict[str, ExportSpec] = {
     "due": ExportSpec(
         name="due",
         overrides={
             # the repository derives interpolation/weights with the two sibling bundles; an exported bundle
             # has no siblings, so it asks for a datalist that has them (docs/README.md says how)
+            # the repository keeps one trained model per run (models/<run_name>/); an exported bundle ships
+            # one, in the model zoo's place: models/model.pt
             "train.json": {
-                "training_datalist": "$scripts.due_ext.bundles.prepared_datalist(@datalist, @method, derive=False)"
+                "training_datalist": "$scripts.due_ext.bundles.prepared_datalist(@datalist, @method, derive=False)",
+                "ckpt_dir": EXPORTED_CKPT_DIR,
             },
             # what MONAI Deploy's MonaiBundleInferenceOperator runs on the in-memory (X, Y, Z) array it
             # receives (its loader replaces LoadImaged; deploy/app.py): channel first, float32
-            "inference.json": {"deploy": DEPLOY_SECTION},
+            "inference.json": {"deploy": DEPLOY_SECTION, "ckpt_dir": EXPORTED_CKPT_DIR},
         },
+        weights="due/model.pt",  # what `train.json` with the default method writes
         data_license=_LUNG_CT_LICENSE,
         usage=_DUE_USAGE,
     ),

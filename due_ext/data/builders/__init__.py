@@ -2,13 +2,16 @@
 
 - ``phantom`` (:mod:`.phantom`): procedural volumes, no download; tests and the smallest demo.
 - ``lung-ct`` (:mod:`.lung_ct`): real chest-CT backgrounds with inserted nodules (downloads once).
+- ``bounded`` (:mod:`.bounded`): lesion-bounded crops of the same CTs resampled to a fixed size, the DUE
+  paper's input protocol (the lesion fills much of the input).
 
-Both write NIfTI volumes and a Decathlon-style ``datalist.json`` (sections training/validation/test, items
+All write NIfTI volumes and a Decathlon-style ``datalist.json`` (sections training/validation/test, items
 per :mod:`due_ext.data.schema`) with a ``builder`` provenance block, atomically (:mod:`.output`).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from pathlib import Path
@@ -17,19 +20,16 @@ from types import ModuleType
 from due_ext.data.axes import parse_size
 from due_ext.data.builders.output import BuildSummary
 
-BUILDERS = ("phantom", "lung-ct")
+BUILDERS = ("phantom", "lung-ct", "bounded")
+#: Builder name -> (module, build function).
+_BUILD_FUNCTIONS = {"phantom": ("phantom", "build_phantom"), "lung-ct": ("lung_ct", "build_lung_ct"),
+                    "lung_ct": ("lung_ct", "build_lung_ct"), "bounded": ("bounded", "build_bounded")}
 
 
 def builder_module(name: str) -> ModuleType:
     """The module of builder ``name`` (it defines ``DEFAULT_*`` and ``DATASET_VERSION``)."""
-    if name == "phantom":
-        from due_ext.data.builders import phantom
-
-        return phantom
-    if name in ("lung-ct", "lung_ct"):
-        from due_ext.data.builders import lung_ct
-
-        return lung_ct
+    if name in _BUILD_FUNCTIONS:
+        return importlib.import_module(f"due_ext.data.builders.{_BUILD_FUNCTIONS[name][0]}")
     raise ValueError(f"unknown dataset {name!r}; choices: {', '.join(BUILDERS)}")
 
 
@@ -43,7 +43,7 @@ def build_dataset(name: str, out: str | os.PathLike, n_pos: int | None = None, n
         out: output folder (``datalist.json`` goes there).
         n_pos, n_neg: positives / negatives (at least 3 each: one per split).
         size: ``"X,Y,Z"`` or a 3-tuple of voxels.
-        every_k: keep every k-th lesion slice as annotated.
+        every_k: keep every k-th lesion slice as annotated (``bounded``: every k-th acquired slice).
         seed: the same seed gives identical arrays.
         preview: also write ``preview.png`` next to the datalist.
 
@@ -51,7 +51,7 @@ def build_dataset(name: str, out: str | os.PathLike, n_pos: int | None = None, n
         A :class:`~due_ext.data.builders.output.BuildSummary`; ``str()`` of it is a readable description.
     """
     module = builder_module(name)
-    builder = module.build_phantom if name == "phantom" else module.build_lung_ct
+    builder = getattr(module, _BUILD_FUNCTIONS[name][1])
     for label, value in (("n_pos", n_pos), ("n_neg", n_neg), ("every_k", every_k)):
         if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
             raise ValueError(f"{label} must be a positive integer, got {value!r}")

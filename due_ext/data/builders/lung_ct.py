@@ -176,6 +176,17 @@ def load_chest_ct(name: str, spacing: tuple[float, float, float] = SPACING) -> C
     return ct
 
 
+def acquired_slice_spacing(name: str) -> float:
+    """Slice spacing (mm) of subject ``name`` as acquired (the NRRD's Z spacing; 5 mm for lung1 and lung2).
+    The cached grid starts on the first acquired slice, so acquired slices lie at multiples of it."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(fetch_pyradiomics_data() / f"{name}_image.nrrd"))
+    reader.ReadImageInformation()
+    return float(reader.GetSpacing()[2])
+
+
 def nodule_site_depth(lung: np.ndarray, spacing: tuple[float, float, float] = SPACING) -> np.ndarray:
     """Depth (mm) of every voxel inside the nodule-site region of a lung mask (step 3); 0 outside it."""
     region = lung.copy()
@@ -210,17 +221,31 @@ def crop_starts(ct: ChestCT, size: tuple[int, int, int], half: str | None = None
     centres = np.argwhere(grid & (ct.site_depth >= _CROP_CENTRE_DEPTH_MM))
     starts = centres - size_arr // 2
     ok = np.all(starts >= 0, axis=1) & np.all(starts + size_arr <= shape, axis=1)
-    if ct.tumour.any():
-        margin = np.ceil(_TUMOUR_MARGIN_MM / np.asarray(spacing)).astype(int)
-        where = np.argwhere(ct.tumour)
-        low, high = where.min(axis=0) - margin, where.max(axis=0) + margin
+    box = tumour_box(ct, spacing)
+    if box is not None:
+        low, high = box
         overlaps = np.all((starts <= high) & (starts + size_arr > low), axis=1)
         ok &= ~overlaps
     if half is not None:
-        xs = np.nonzero(ct.lung.any(axis=(1, 2)))[0]
-        mid = (xs[0] + xs[-1] + 1) // 2
+        mid = lung_mid_x(ct)
         ok &= (starts[:, 0] + size_arr[0] <= mid) if half == "low" else (starts[:, 0] >= mid)
     return starts[ok]
+
+
+def tumour_box(ct: ChestCT, spacing: tuple[float, float, float] = SPACING) -> tuple[np.ndarray, np.ndarray] | None:
+    """First and last voxel (inclusive) of the real tumour's bounding box grown by 10 mm; ``None`` without one.
+    No crop may overlap it."""
+    if not ct.tumour.any():
+        return None
+    margin = np.ceil(_TUMOUR_MARGIN_MM / np.asarray(spacing)).astype(int)
+    where = np.argwhere(ct.tumour)
+    return where.min(axis=0) - margin, where.max(axis=0) + margin
+
+
+def lung_mid_x(ct: ChestCT) -> int:
+    """The X index that splits the lung's X extent in two halves (``low``: below it, ``high``: from it on)."""
+    xs = np.nonzero(ct.lung.any(axis=(1, 2)))[0]
+    return int((xs[0] + xs[-1] + 1) // 2)
 
 
 def insert_nodule(rng: np.random.Generator, hu: np.ndarray, depth: np.ndarray,
@@ -253,10 +278,16 @@ def insert_nodule(rng: np.random.Generator, hu: np.ndarray, depth: np.ndarray,
     field_mm = lesion_field(shape, hu.shape, spacing)
     # depth > 0 is the site region, a subset of the lung; the depth margin already keeps the nodule inside.
     mask = lesion_mask(field_mm) & (depth > 0)
+    return blend_nodule(rng, hu, field_mm), mask.astype(np.uint8)
+
+
+def blend_nodule(rng: np.random.Generator, hu: np.ndarray, field_mm: np.ndarray) -> np.ndarray:
+    """``hu`` with a nodule of signed distance ``field_mm`` blended in (step 4 of the module docstring): a soft
+    edge of 0.5 mm, a random density in :data:`NODULE_HU`, texture sd 20 HU and noise sd 10 HU."""
     alpha = soft_edge(field_mm, 0.5)
     nodule = (rng.uniform(*NODULE_HU) + 20.0 * smooth_texture(rng, hu.shape, 1.0)
               + 10.0 * rng.normal(size=hu.shape))
-    return hu * (1.0 - alpha) + alpha * nodule, mask.astype(np.uint8)
+    return hu * (1.0 - alpha) + alpha * nodule
 
 
 def crop(array: np.ndarray, start: tuple[int, int, int] | np.ndarray, size: tuple[int, int, int]) -> np.ndarray:

@@ -72,23 +72,32 @@ class StagedDataset:
 
     def add_item(self, section: str, name: str, image: np.ndarray, affine: np.ndarray, label: int,
                  mask: np.ndarray | None = None, every_k: int | None = None,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 extra: dict[str, Any] | None = None,
+                 annotated_slices: list[int] | None = None) -> dict[str, Any]:
         """Write one item (float32 image; for positives the uint8 sparse annotation and full mask).
 
-        Positives (``label == 1``) need ``mask`` and ``every_k``; the annotation keeps every k-th lesion
-        slice (:func:`~due_ext.data.builders.sparse.sparse_slices`) and is zero elsewhere.
+        Positives (``label == 1``) need ``mask`` and either ``annotated_slices`` (Z indices chosen by the
+        builder, each holding foreground) or ``every_k``: the annotation keeps every k-th lesion slice
+        (:func:`~due_ext.data.builders.sparse.sparse_slices`). It is zero on the other slices.
         """
         if label not in (0, 1):
             raise ValueError(f"{name}: label must be 0 or 1, got {label!r}")
         item: dict[str, Any] = {schema.IMAGE: self._write("images", name, image.astype(np.float32), affine),
                                 schema.LABEL: int(label)}
         if label == 1:
-            if mask is None or every_k is None:
-                raise ValueError(f"{name}: a positive item needs its lesion mask and every_k")
+            if mask is None or (every_k is None and annotated_slices is None):
+                raise ValueError(f"{name}: a positive item needs its lesion mask and every_k or annotated_slices")
             mask = (np.asarray(mask) > 0).astype(np.uint8)
             if mask.shape != image.shape:
                 raise ValueError(f"{name}: mask shape {mask.shape} differs from image shape {image.shape}")
-            slices = sparse_slices(mask, every_k)
+            if annotated_slices is None:
+                slices = sparse_slices(mask, every_k)
+            else:
+                slices = sorted({int(z) for z in annotated_slices})
+                empty = [z for z in slices if not 0 <= z < mask.shape[-1] or not mask[..., z].any()]
+                if not slices or empty:
+                    raise ValueError(f"{name}: annotated slices {slices} must be non-empty Z indices holding "
+                                     f"lesion foreground; {empty} do not")
             item[schema.ANNOTATION] = self._write("annotations", name, sparsify(mask, slices), affine)
             item[schema.ANNOTATED_SLICES] = slices
             item[schema.MASK] = self._write("masks", name, mask, affine)
