@@ -166,3 +166,16 @@ def test_initial_cam_is_the_gradcam_of_the_seeded_network_and_keeps_the_global_r
     assert torch.equal(cam, expected.detach())
     assert torch.equal(initial_cam(_tiny_resnet, images, seed=7, target_layer="layer3"), cam)
     assert not torch.equal(initial_cam(_tiny_resnet, images, seed=8, target_layer="layer3"), cam)
+
+
+def test_explanation_sweep_counts_values_on_a_threshold_as_inside_in_any_grid_order():
+    """The one-pass sweep that best_threshold_iou relies on: ``S >= t`` exactly, thresholds in the given order."""
+    from due_ext.metrics.explanation import explanation_sweep
+
+    saliency, mask = _batch([0.5, 0.5, 0.25, 0.75]), _batch([1, 0, 0, 1])
+    sweep = explanation_sweep(saliency, mask, (0.75, 0.5, 0.25, 1.0))
+    assert list(sweep) == [0.75, 0.5, 0.25, 1.0]
+    # t = 0.75: {0.75} -> 1/2; t = 0.5: {0.5, 0.5, 0.75} -> 2/3; t = 0.25: every voxel -> 2/4; t = 1: empty -> 0
+    _same(torch.stack([sweep[t]["iou"][0] for t in sweep]), [0.5, 2 / 3, 0.5, 0.0])
+    _same(torch.stack([sweep[t]["precision"][0] for t in sweep]), [1.0, 2 / 3, 0.5, 0.0])
+    _same(torch.stack([sweep[t]["recall"][0] for t in sweep]), [0.5, 1.0, 1.0, 0.0])

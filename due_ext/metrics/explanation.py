@@ -37,12 +37,27 @@ def _flatten_pair(saliency: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
     return saliency.detach().flatten(1).double(), (mask.detach().flatten(1) > 0.5).double()
 
 
-def explanation_scores(saliency: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5) -> dict[str, torch.Tensor]:
-    """Per-sample ``iou``, ``precision``, ``recall``, ``f1`` at ``threshold``; each a ``(B,)`` float64 tensor."""
-    s, m = _flatten_pair(saliency, mask)
-    p = (s >= threshold).double()
-    inter = (p * m).sum(1)
-    n_p, n_m = p.sum(1), m.sum(1)
+def _region_counts(s: torch.Tensor, m: torch.Tensor,
+                   thresholds: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``|{S >= t}|`` and ``|{S >= t} ∩ M|`` per sample and threshold, ``(B, T)`` each, in one pass over the
+    voxels (a sweep of T thresholds costs one threshold, not T): each voxel's level is the number of thresholds
+    at or below its value, and the region of the k-th smallest threshold is the voxels of level > k."""
+    grid = torch.tensor([float(t) for t in thresholds], dtype=torch.float64, device=s.device)
+    ordered, order = grid.sort()
+    level = torch.bucketize(s, ordered, right=True)  # thresholds <= value (exact float64 comparisons)
+    per_level = torch.zeros(s.shape[0], grid.numel() + 1, dtype=torch.float64, device=s.device)
+    in_mask = per_level.clone()
+    per_level.scatter_add_(1, level, torch.ones_like(s))
+    in_mask.scatter_add_(1, level, m)
+
+    def at_or_above(counts: torch.Tensor) -> torch.Tensor:  # voxels of level >= k + 1, back in the given order
+        return counts.flip(1).cumsum(1).flip(1)[:, 1:][:, order.argsort()]
+
+    return at_or_above(per_level), at_or_above(in_mask)
+
+
+def _scores_from_counts(inter: torch.Tensor, n_p: torch.Tensor, n_m: torch.Tensor) -> dict[str, torch.Tensor]:
+    """IoU, precision, recall and F1 from region, mask and overlap sizes (the definitions above, once)."""
     union = n_p + n_m - inter
     one, zero = torch.ones_like(inter), torch.zeros_like(inter)
     iou = torch.where(union > 0, inter / union.clamp_min(1), one)
@@ -53,10 +68,19 @@ def explanation_scores(saliency: torch.Tensor, mask: torch.Tensor, threshold: fl
     return {"iou": iou, "precision": precision, "recall": recall, "f1": f1}
 
 
+def explanation_scores(saliency: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5) -> dict[str, torch.Tensor]:
+    """Per-sample ``iou``, ``precision``, ``recall``, ``f1`` at ``threshold``; each a ``(B,)`` float64 tensor."""
+    return explanation_sweep(saliency, mask, (threshold,))[float(threshold)]
+
+
 def explanation_sweep(saliency: torch.Tensor, mask: torch.Tensor,
                       thresholds: Sequence[float] = EXPLANATION_THRESHOLDS) -> dict[float, dict[str, torch.Tensor]]:
-    """:func:`explanation_scores` at every threshold: ``{t: {"iou": (B,), ...}}``."""
-    return {float(t): explanation_scores(saliency, mask, t) for t in thresholds}
+    """:func:`explanation_scores` at every threshold: ``{t: {"iou": (B,), ...}}``, from one pass over the voxels."""
+    s, m = _flatten_pair(saliency, mask)
+    n_p, inter = _region_counts(s, m, thresholds)
+    n_m = m.sum(1, keepdim=True).expand_as(n_p)
+    scores = _scores_from_counts(inter, n_p, n_m)
+    return {float(t): {name: values[:, k] for name, values in scores.items()} for k, t in enumerate(thresholds)}
 
 
 def activation_recall(saliency: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

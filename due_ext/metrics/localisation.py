@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 import torch
 
-from due_ext.metrics.explanation import _flatten_pair, explanation_scores, saliency_precision
+from due_ext.metrics.explanation import _flatten_pair, explanation_sweep, saliency_precision
 from due_ext.metrics.prediction import roc_auc
 
 #: Threshold grid of :func:`best_threshold_iou`: 0.05, 0.10, ..., 0.95.
@@ -75,9 +75,11 @@ def best_threshold_iou(saliency: torch.Tensor, mask: torch.Tensor,
     (the lowest on ties): ``{"iou": (B,), "threshold": (B,)}`` float64; both ``nan`` for an empty mask."""
     if len(thresholds) == 0:
         raise ValueError("best_threshold_iou: the threshold grid is empty")
-    grid = torch.tensor(sorted(float(t) for t in thresholds), dtype=torch.float64)
-    ious = torch.stack([explanation_scores(saliency, mask, float(t))["iou"] for t in grid], dim=1)  # (B, T)
+    grid = sorted(float(t) for t in thresholds)
+    sweep = explanation_sweep(saliency, mask, grid)
+    ious = torch.stack([sweep[t]["iou"] for t in grid], dim=1)  # (B, T)
     best, index = ious.max(dim=1)  # the first maximal index on ties: the lowest threshold (grid is sorted)
+    grid = torch.tensor(grid, dtype=torch.float64)
     return {"iou": _nan_where_empty(best, mask),
             "threshold": _nan_where_empty(grid.to(best.device)[index], mask)}
 
