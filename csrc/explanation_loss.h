@@ -3,6 +3,13 @@
 // Math (per sample b; see due_ext/ops/explanation_loss.py for the user-facing description):
 //   cam = relu(sum_c alpha_c A_c)  (d, h, w);  U = trilinear upsample (align_corners=True) to (X, Y, Z)
 //   S = (U - mn) / R,  R = mx - mn + eps;  loss = method-specific sum of per-voxel terms of (S, m, I, w).
+// Flat samples (due_ext/explain/cam.py): when mx - mn <= kFlatRtol * max|alpha . A| (the scale before the
+// relu), S = 0 and nothing flows back through the normaliser. The kernels implement both cases with one
+// per-sample factor inv_r = flat ? 0 : 1 / R, so S = (U - mn) inv_r and every gradient term carries inv_r.
+// NaN: the relu keeps NaN (c < 0 ? 0 : c, not c > 0 ? c : 0) and a plane or sample holding a NaN has
+// mn = mx = NaN, so S, the loss and the gradient of that sample are NaN, as in the PyTorch reference.
+// Precision: float32 and float64 kernels; float16/bfloat16 features are converted to float32 on entry
+// (explanation_loss_inputs.h), loss and CAM are returned in the input dtype, grad_pre in float32.
 // Backward without full-resolution storage: the per-voxel derivative dL/dS_v is split into
 //   g_v = s0 * c0_v + c1_v,
 // where c0 is a per-voxel term whose sample-level normaliser s0 (1/max(1, #foreground) or
@@ -39,6 +46,7 @@ enum PlaneSum : int {
 };
 
 constexpr double kMinMaxEps = 1e-6;   // due_ext.explain.cam.MINMAX_EPS
+constexpr double kFlatRtol = 1e-3;    // due_ext.explain.cam.FLAT_RTOL
 constexpr double kWeightEps = 1e-6;   // explanation_loss_reference.WEIGHT_EPS
 constexpr double kBceClamp = 1e-6;    // explanation_loss_reference.BCE_CLAMP
 constexpr double kTanhScale = 5.0;    // explanation_loss_reference.TANH_SCALE
@@ -54,6 +62,34 @@ inline ExplanationMethod parse_explanation_method(const std::string& name) {
 
 // Source index and weight of one output coordinate of a linear upsample with align_corners=True,
 // following PyTorch's convention (truncate, clamp the upper neighbour, clamp the weight to [0, 1]).
+// 1 / (mx - mn + eps), or 0 for a flat sample (see the header comment); T is the kernel's precision.
+// A NaN range compares false and yields NaN.
+template <typename T>
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+inline T minmax_inverse_range(T mn, T mx, T scale) {
+  const T range = mx - mn;
+  return range <= static_cast<T>(kFlatRtol) * scale ? T(0) : T(1) / (range + static_cast<T>(kMinMaxEps));
+}
+
+// min / max that keep a NaN once it is seen (in either argument), unlike std::min / fmin.
+template <typename T>
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+inline T nan_min(T a, T b) {
+  return a != a ? a : (b != b ? b : (b < a ? b : a));
+}
+
+template <typename T>
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+inline T nan_max(T a, T b) {
+  return a != a ? a : (b != b ? b : (b > a ? b : a));
+}
+
 template <typename T>
 struct LerpIndex {
   int64_t i0;

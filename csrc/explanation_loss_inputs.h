@@ -4,6 +4,7 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -13,18 +14,36 @@
 
 namespace due_ext {
 
-// Contiguous inputs; soft/weights are undefined when the method does not read them.
+// Contiguous inputs in the compute dtype; soft/weights are undefined when the method does not read them.
+// out_dtype: the dtype of the returned loss and CAM (the features' dtype).
 struct ExplanationInputs {
   at::Tensor features, alpha, target, soft, weights;
   ExplanationMethod method;
+  at::ScalarType out_dtype;
 };
+
+// float16 / bfloat16 features are computed in float32 (their 8-11 bit mantissas cannot hold the min-max,
+// tanh and sums over ~1e6 voxels); float32 and float64 in their own precision.
+inline at::ScalarType explanation_compute_dtype(at::ScalarType dtype) {
+  return (dtype == at::kHalf || dtype == at::kBFloat16) ? at::kFloat : dtype;
+}
+
+// The returned (loss, grad_pre, cam): loss and cam in the input dtype, grad_pre in the compute dtype (it is
+// only read by the backward, which computes in that dtype too).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> explanation_outputs(const ExplanationInputs& in,
+                                                                          const at::Tensor& loss,
+                                                                          const at::Tensor& grad_pre,
+                                                                          const at::Tensor& cam) {
+  return {loss.to(in.out_dtype), grad_pre, cam.to(in.out_dtype)};
+}
 
 inline void check_explanation_volume(const at::Tensor& t, const char* name, const at::Tensor& like,
                                      const at::Tensor& features) {
   TORCH_CHECK(t.sizes() == like.sizes(), "due_ext::explanation_loss_fwd: ", name, " has shape ", t.sizes(),
               ", expected ", like.sizes(), " (the target's shape)");
   TORCH_CHECK(t.scalar_type() == features.scalar_type(), "due_ext::explanation_loss_fwd: ", name, " dtype ",
-              t.scalar_type(), " differs from the features' ", features.scalar_type());
+              t.scalar_type(), " differs from the compute dtype ", features.scalar_type(),
+              " (the features' dtype; float32 for float16/bfloat16 features)");
   TORCH_CHECK(t.device() == features.device(), "due_ext::explanation_loss_fwd: ", name, " is on ", t.device(),
               ", the features on ", features.device());
 }
@@ -43,12 +62,17 @@ inline ExplanationInputs prepare_explanation_inputs(const at::Tensor& features_i
   TORCH_CHECK(target_in.dim() == 4 && target_in.size(0) == features_in.size(0),
               "due_ext::explanation_loss_fwd: target must be (B, X, Y, Z) with B = ", features_in.size(0), ", got ",
               target_in.sizes());
-  TORCH_CHECK(features_in.scalar_type() == at::kFloat || features_in.scalar_type() == at::kDouble,
-              "due_ext::explanation_loss_fwd: features must be float32 or float64, got ", features_in.scalar_type());
+  const at::ScalarType dtype = features_in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "due_ext::explanation_loss_fwd: features must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK(alpha_in.scalar_type() == dtype, "due_ext::explanation_loss_fwd: alpha dtype ", alpha_in.scalar_type(),
+              " differs from the features' ", dtype);
+  const at::ScalarType compute = explanation_compute_dtype(dtype);
   ExplanationInputs in;
   in.method = parse_explanation_method(std::string(method_name));
-  in.features = features_in.contiguous();
-  in.alpha = alpha_in.contiguous();
+  in.out_dtype = dtype;
+  in.features = features_in.to(compute).contiguous();
+  in.alpha = alpha_in.to(compute).contiguous();
   in.target = target_in.contiguous();
   check_explanation_volume(in.alpha, "alpha", in.alpha, in.features);
   check_explanation_volume(in.target, "target", in.target, in.features);

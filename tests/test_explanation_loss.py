@@ -2,8 +2,9 @@
 
 Covers: forward and gradients of every available backend on a seeded sweep of odd shapes (ties, all-zero
 CAMs, relu-zero regions included), gradcheck in float64, torch.library.opcheck, torch.compile tracing,
-return_cam, RES-G, input validation, and the Triton kernels under TRITON_INTERPRET=1 (in a subprocess, since
-the variable is read when triton is imported).
+return_cam, RES-G, input validation, the guards (flat CAMs give a zero gradient, NaN gives a NaN loss),
+float16/bfloat16 inputs, and the Triton kernels under TRITON_INTERPRET=1 (in a subprocess, since the variable
+is read when triton is imported).
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from due_ext.ops.explanation_loss_reference import (
     RES_SLACK,
     explanation_loss_reference,
     gaussian_imputation,
+    method_loss,
 )
 
 COMPILED_BACKENDS = [name for name in ("cpp", "cuda") if due_ext.backends()[name].available]
-DEVICE_OF = {"cpp": "cpu", "cuda": "cuda"}
+#: The backends that run in this process (Triton runs in the TRITON_INTERPRET subprocess below).
+BACKENDS = ["reference", *COMPILED_BACKENDS]
+DEVICE_OF = {"reference": "cpu", "cpp": "cpu", "cuda": "cuda"}
 needs_cpp = pytest.mark.skipif("cpp" not in COMPILED_BACKENDS, reason="due_ext._C is not built")
 
 
@@ -332,6 +336,226 @@ def test_raw_op_errors():
         loss.sum().backward()
 
 
+# ---- guards: flat CAMs, NaN; half precision. The check_* helpers run on whatever backend DUE_EXT_BACKEND
+# selects, so the Triton subprocess below reuses them.
+
+#: Flat cases of sample 0 (sample 1 stays an ordinary map). FLAT_RTOL = 1e-3 of max |P|, P = sum_c alpha A.
+FLAT_KINDS = ("constant", "near_constant", "faint_spots", "zero_alpha")
+
+
+def make_flat_inputs(kind: str, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 31,
+                     low: tuple[int, int, int] = (3, 3, 2), size: tuple[int, int, int] = (5, 7, 4)):
+    """``make_inputs`` with sample 0 made flat:
+
+    - ``constant``: P = 5.5 everywhere (range 0);
+    - ``near_constant``: P in [5.5, 5.5 (1 + 1e-5)] (range 5.5e-5 <= 5.5e-3); today's normaliser amplifies its
+      gradient ~2e4-fold;
+    - ``faint_spots``: P = -1 everywhere but two voxels at +2e-4 (range <= 2e-4 <= 1e-3): all relu-ed away but
+      two barely positive spots, amplified ~5e3-fold by today's normaliser;
+    - ``zero_alpha``: alpha = 0, P = 0 (range 0 <= 0).
+    """
+    features, alpha, mask, soft, weights = make_inputs(seed, 2, 3, low, size, dtype=torch.float64)
+    level = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    if kind in ("constant", "near_constant"):
+        features[0] = level.view(3, 1, 1, 1).expand(3, *low)
+        alpha[0] = torch.tensor([1.5, 1.0, 3.0])
+        if kind == "near_constant":
+            ramp = torch.linspace(0.0, 1e-5, features[0, 0].numel(), dtype=torch.float64).view(low)
+            features[0] = features[0] * (1.0 + ramp)
+    elif kind == "faint_spots":
+        features[0] = 0.0
+        features[0, 0] = -1.0
+        features[0, 0, 1, 1, 0] = 2e-4
+        features[0, 0, -1, 0, 1] = 1e-4
+        alpha[0] = torch.tensor([1.0, 0.7, -0.2])
+    elif kind == "zero_alpha":
+        alpha[0] = 0.0
+    else:
+        raise ValueError(kind)
+    return [t.to(dtype=dtype, device=device) for t in (features, alpha, mask, soft, weights)]
+
+
+def check_flat_cam(kind: str, method: str, device: str = "cpu", low: tuple[int, int, int] = (3, 3, 2),
+                   size: tuple[int, int, int] = (5, 7, 4)) -> None:
+    """Sample 0 (flat) has S = 0: the loss of the all-zero map and exactly zero gradients; sample 1 is
+    unaffected and matches the reference."""
+    features, alpha, mask, soft, weights = make_flat_inputs(kind, device=device, low=low, size=size)
+    where = f"flat {kind} / {method}"
+    loss, (d_features, d_alpha) = _loss_and_grads(explanation_loss, features, alpha, mask, soft, weights, method)
+    zero_map = torch.zeros_like(mask[:1])
+    expected0 = method_loss(zero_map, mask[:1], soft[:1], weights[:1], method)
+    torch.testing.assert_close(loss[:1], expected0, rtol=1e-5, atol=1e-6, msg=where)
+    assert (d_features[0] == 0).all() and (d_alpha[0] == 0).all(), (
+        f"{where}: gradient of the flat sample is not zero (max {d_features[0].abs().max().item():.3g})")
+    _, cam = explanation_loss(features, alpha, mask, soft, weights, method, return_cam=True)
+    assert (cam[0] == 0).all(), where
+    ref_loss, (ref_features, ref_alpha) = _loss_and_grads(explanation_loss_reference, features, alpha, mask, soft,
+                                                          weights, method)
+    torch.testing.assert_close(loss[1:], ref_loss[1:], rtol=1e-5, atol=1e-6, msg=where)
+    assert d_features[1].abs().max() > 0, where
+    assert_close_scaled(d_features[1], ref_features[1], 1e-4, f"{where} grad features")
+    assert_close_scaled(d_alpha[1], ref_alpha[1], 1e-4, f"{where} grad alpha")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", FUSED_METHODS)
+@pytest.mark.parametrize("kind", FLAT_KINDS)
+def test_flat_cam_has_zero_gradient(backend, method, kind, monkeypatch):
+    monkeypatch.setenv("DUE_EXT_BACKEND", backend)
+    check_flat_cam(kind, method, DEVICE_OF[backend])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flat_threshold_is_relative_to_the_map_scale(backend, monkeypatch):
+    """A range of 5x the threshold is normalised as usual (same on every backend) whatever the scale of alpha
+    (down to where the range, 2.75e-4 at scale 1e-2, still dwarfs MINMAX_EPS = 1e-6)."""
+    monkeypatch.setenv("DUE_EXT_BACKEND", backend)
+    features, alpha, mask, soft, weights = make_flat_inputs("near_constant", device=DEVICE_OF[backend])
+    features = features.clone()
+    ramp = torch.linspace(0.0, 5e-3, features[0, 0].numel(), device=features.device).view(features.shape[2:])
+    features[0] = features[0, :, :1, :1, :1] * (1.0 + ramp)  # P spans 5.5 (1 + 5e-3): range 5 x FLAT_RTOL max|P|
+    for scale in (1.0, 1e-2):
+        a = alpha * scale
+        loss, cam = explanation_loss(features, a, mask, soft, weights, "due", return_cam=True)
+        assert cam[0].max() > 0.99, scale  # spans [0, 1]: not treated as flat
+        torch.testing.assert_close(loss, explanation_loss_reference(features, a, mask, soft, weights, "due"),
+                                   rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", *(["cpp"] if "cpp" in COMPILED_BACKENDS else [])])
+@pytest.mark.parametrize("method", FUSED_METHODS)
+def test_gradcheck_with_a_flat_sample(backend, method, monkeypatch):
+    """float64 gradcheck of a batch holding a constant map: the finite differences (steps of 1e-6 keep the map
+    flat) and the analytic gradient are both zero; today's normaliser is not even continuous there."""
+    monkeypatch.setenv("DUE_EXT_BACKEND", backend)
+    features, alpha, mask, soft, weights = make_flat_inputs("constant", dtype=torch.float64, low=(2, 2, 2),
+                                                            size=(3, 4, 3))
+    features[1] = features[1].abs() + 0.5  # sample 1: relu active everywhere (no kink), unique min and max
+    alpha[1] = alpha[1].abs() + 0.5
+    features.requires_grad_(True)
+    alpha.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda f, a: explanation_loss(f, a, mask, soft, weights, method),
+                                    (features, alpha), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+#: Where sample 0 gets its NaN.
+NAN_PLACES = ("features", "alpha", "target", "soft_target", "weights")
+
+
+def check_nan_propagates(place: str, method: str, device: str = "cpu", low: tuple[int, int, int] = (3, 3, 2),
+                         size: tuple[int, int, int] = (5, 7, 4)) -> None:
+    """NaN in sample 0's inputs gives sample 0 a NaN loss (as the reference); sample 1 stays exact."""
+    if place == "soft_target" and method not in ("due", "baseline_plus"):
+        return  # ignored by the method
+    if place == "weights" and method == "baseline_plus":
+        return
+    features, alpha, mask, soft, weights = make_inputs(32, 2, 3, low, size, device=device)
+    inputs = {"features": features, "alpha": alpha, "target": mask, "soft_target": soft, "weights": weights}
+    poisoned = inputs[place].clone()
+    poisoned[(0,) * poisoned.dim()] = float("nan")  # a corner: every upsample reads it
+    inputs[place] = poisoned
+    args = (inputs["features"], inputs["alpha"], inputs["target"], inputs["soft_target"], inputs["weights"], method)
+    loss, (d_features, d_alpha) = _loss_and_grads(explanation_loss, *args)
+    ref_loss, (ref_features, ref_alpha) = _loss_and_grads(explanation_loss_reference, *args)
+    where = f"NaN in {place} / {method}"
+    assert torch.isnan(ref_loss[0]), f"{where}: the reference itself hides the NaN"
+    assert torch.isnan(loss[0]), f"{where}: loss {loss.tolist()} hides the NaN"
+    torch.testing.assert_close(loss[1:], ref_loss[1:], rtol=1e-5, atol=1e-6, msg=where)
+    assert_close_scaled(d_features[1], ref_features[1], 1e-4, f"{where} grad features")
+    assert_close_scaled(d_alpha[1], ref_alpha[1], 1e-4, f"{where} grad alpha")
+    if place in ("features", "alpha"):
+        assert not torch.isfinite(d_alpha[0]).all(), f"{where}: the gradient of the NaN sample is finite"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", FUSED_METHODS)
+@pytest.mark.parametrize("place", NAN_PLACES)
+def test_nan_gives_nan_loss(backend, method, place, monkeypatch):
+    monkeypatch.setenv("DUE_EXT_BACKEND", backend)
+    check_nan_propagates(place, method, DEVICE_OF[backend])
+
+
+#: Unit roundoff (half an ulp, relative) of the half-precision formats: 8 and 11 significant bits.
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def check_half_precision(dtype: torch.dtype, method: str, device: str = "cpu", low: tuple[int, int, int] = (3, 3, 2),
+                         size: tuple[int, int, int] = (5, 7, 4)) -> None:
+    """float16/bfloat16 features against the float32 reference on the same (rounded) values.
+
+    The op computes in float32 and rounds only its outputs, so every output differs from the float32 reference
+    by one rounding to ``dtype`` (relative error <= u = UNIT_ROUNDOFF) on top of the float32 kernel-vs-reference
+    difference the float32 tests allow (rtol 1e-5 / atol 1e-6 for the loss, 1e-4 of the largest gradient).
+    float16 gradients below 2^-14 are subnormal, with an absolute error <= 2^-25, far below that bound.
+    """
+    features, alpha, mask, soft, weights = make_inputs(33, 2, 3, low, size, device=device)
+    features, alpha = features.to(dtype), alpha.to(dtype)
+    u = UNIT_ROUNDOFF[dtype]
+    loss, (d_features, d_alpha) = _loss_and_grads(explanation_loss, features, alpha, mask, soft, weights, method)
+    assert loss.dtype == dtype and d_features.dtype == dtype and d_alpha.dtype == dtype
+    ref_loss, (ref_features, ref_alpha) = _loss_and_grads(explanation_loss_reference, features.float(),
+                                                          alpha.float(), mask, soft, weights, method)
+    where = f"{dtype} / {method}"
+    torch.testing.assert_close(loss.float(), ref_loss, rtol=u + 1e-5, atol=1e-6, msg=where)
+    assert_close_scaled(d_features.float(), ref_features, u + 1e-4, f"{where} grad features")
+    assert_close_scaled(d_alpha.float(), ref_alpha, u + 1e-4, f"{where} grad alpha")
+    _, cam = explanation_loss(features, alpha, mask, soft, weights, method, return_cam=True)
+    assert cam.dtype == dtype
+    torch.testing.assert_close(cam.float(), normalized_cam(features.float(), alpha.float(), size), rtol=0,
+                               atol=u + 1e-6)  # S in [0, 1]: one rounding is <= u absolute
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", FUSED_METHODS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_computes_in_float32(backend, method, dtype, monkeypatch):
+    monkeypatch.setenv("DUE_EXT_BACKEND", backend)
+    check_half_precision(dtype, method, DEVICE_OF[backend])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_autocast_does_not_change_the_result(backend, dtype, monkeypatch):
+    """A forward inside ``torch.autocast`` (backward outside, as PyTorch recommends) gives what it gives
+    outside: the op's own torch calls (the reference composition) are kept out of autocast's bfloat16."""
+    monkeypatch.setenv("DUE_EXT_BACKEND", backend)
+    device = DEVICE_OF[backend]
+    inputs = make_inputs(34, 2, 3, (3, 3, 2), (5, 7, 4), device=device)
+    results = []
+    for autocast in (False, True):
+        features, alpha = (t.to(dtype).requires_grad_(True) for t in inputs[:2])
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+            loss = explanation_loss(features, alpha, *inputs[2:], "due")
+        loss.sum().backward()
+        results.append((loss.detach(), features.grad, alpha.grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        assert got.dtype == want.dtype == dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_opcheck_half_precision_and_flat(dtype):
+    features, alpha, mask, soft, weights = make_flat_inputs("faint_spots")
+    op = torch.ops.due_ext.explanation_loss_fwd.default
+    half = [t.to(dtype).requires_grad_(True) for t in (features, alpha)]
+    for method, w in (("due", weights), ("haics", None)):
+        torch.library.opcheck(op, (*half, mask, soft, w, method, True, True))
+    loss, grad_pre, cam = op(*half, mask, soft, weights, "due", True, True)
+    assert loss.dtype == cam.dtype == dtype and grad_pre.dtype == torch.float32
+    torch.library.opcheck(op, (features.requires_grad_(True), alpha, mask, soft, weights, "gradia", True, False))
+
+
+@needs_cpp
+def test_raw_op_rejects_volumes_not_in_the_compute_dtype():
+    features, alpha, mask, soft, weights = make_inputs(35, 2, 3, (3, 2, 2), (5, 3, 5))
+    op = torch.ops.due_ext.explanation_loss_fwd
+    with pytest.raises(RuntimeError, match="differs from the compute dtype Float"):
+        op(features.bfloat16(), alpha.bfloat16(), mask.bfloat16(), soft, weights, "due", False, False)
+    with pytest.raises(RuntimeError, match="alpha dtype Float differs"):
+        op(features.half(), alpha, mask, soft, weights, "due", False, False)
+
+
 TRITON_SCRIPT = textwrap.dedent(
     """
     import torch
@@ -353,6 +577,14 @@ TRITON_SCRIPT = textwrap.dedent(
     loss, cam = explanation_loss(f, a, m, i, None, "due", return_cam=True)
     from due_ext.explain.cam import normalized_cam
     torch.testing.assert_close(cam, normalized_cam(f, a, (3, 5, 3)))
+    # the guards and half precision, on small inputs (the interpreter is slow)
+    small = dict(low=(2, 2, 2), size=(3, 4, 3))
+    for kind, method in (("near_constant", "due"), ("faint_spots", "haics"), ("zero_alpha", "gradia")):
+        sys_path_inputs.check_flat_cam(kind, method, **small)
+    for place, method in (("features", "due"), ("alpha", "gradia"), ("target", "haics"), ("weights", "due")):
+        sys_path_inputs.check_nan_propagates(place, method, **small)
+    for dtype, method in ((torch.bfloat16, "due"), (torch.float16, "haics")):
+        sys_path_inputs.check_half_precision(dtype, method, **small)
     print("TRITON-INTERPRETER-OK")
     """
 )

@@ -11,7 +11,7 @@ from monai.networks.nets import ResNet, resnet18
 from monai.visualize import GradCAM
 from torch import nn
 
-from due_ext.explain.cam import combine_cam, minmax_normalize
+from due_ext.explain.cam import combine_cam, minmax_normalize, normalized_cam
 from due_ext.explain.gradcam import find_gap_linear_head, grad_cam, gradcam_features
 
 SIZE = (24, 24, 16)
@@ -239,3 +239,34 @@ def test_no_grad_shortcut_works(volume):
     torch.testing.assert_close(cam[:, 0], minmax_normalize(F.interpolate(
         combine_cam(found.features, found.alpha).unsqueeze(1), size=SIZE, mode="trilinear",
         align_corners=True)[:, 0]).detach())
+
+
+def test_minmax_normalize_flat_rule_and_nan():
+    """Flat samples (range <= FLAT_RTOL x scale) become zeros without gradient; others the usual min-max; a
+    NaN stays in its own sample."""
+    from due_ext.explain.cam import FLAT_RTOL, MINMAX_EPS
+
+    volume = torch.tensor([[4.0, 4.0 + 3.9e-3, 4.0, 4.001],  # range 3.9e-3 <= 1e-3 * 4.0039: flat
+                           [4.0, 4.0 + 4.1e-3, 4.0, 4.001],  # range 4.1e-3 > 1e-3 * 4.0041
+                           [0.0, 0.0, 0.0, 0.0],             # all zero: flat
+                           [1.0, float("nan"), 0.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    assert FLAT_RTOL == 1e-3
+    out = minmax_normalize(volume)
+    assert (out[0] == 0).all() and (out[2] == 0).all() and torch.isnan(out[3]).all()
+    expected = (volume[1] - 4.0) / (4.1e-3 + MINMAX_EPS)
+    torch.testing.assert_close(out[1], expected.detach(), rtol=1e-12, atol=1e-12)
+    (out[:3] * torch.arange(1.0, 5.0, dtype=torch.float64)).sum().backward()
+    assert (volume.grad[0] == 0).all() and (volume.grad[2] == 0).all() and volume.grad[1].abs().max() > 100
+    # the scale decides: the same ranges against a larger scale are flat
+    assert (minmax_normalize(volume.detach()[:2], scale=torch.full((2,), 5.0, dtype=torch.float64)) == 0).all()
+
+
+def test_normalized_cam_scale_is_the_map_before_its_relu():
+    """A map relu-ed away but for a faint spot (1e-4 of max |P|) is flat; the same spot on a zero background
+    (P itself tiny everywhere) is an ordinary map."""
+    features = torch.zeros(2, 1, 2, 2, 2, dtype=torch.float64)
+    features[0] = -1.0
+    features[:, 0, 1, 1, 1] = 1e-4
+    cam = normalized_cam(features, torch.ones(2, 1, dtype=torch.float64), (3, 3, 3))
+    assert (cam[0] == 0).all()
+    assert cam[1].max() > 0.99 and cam[1, 2, 2, 2] == cam[1].max()

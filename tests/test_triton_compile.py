@@ -53,8 +53,8 @@ def _explanation_loss_specs() -> list[KernelSpec]:
     for dtype in ("fp32", "fp64"):
         specs.append(KernelSpec(
             f"explanation_loss.cam_kernel[{dtype}]", lambda: _loss_kernels().cam_kernel,
-            {"features_ptr": f"*{dtype}", "alpha_ptr": f"*{dtype}", "cam_ptr": f"*{dtype}", "channels": "i32",
-             "low": "i32", "BLOCK": "constexpr"}, {"BLOCK": 64}, "cam_kernel"))
+            {"features_ptr": f"*{dtype}", "alpha_ptr": f"*{dtype}", "cam_ptr": f"*{dtype}", "scale_ptr": f"*{dtype}",
+             "channels": "i32", "low": "i32", "BLOCK": "constexpr"}, {"BLOCK": 64}, "cam_kernel"))
     for dtype in ("fp32",):
         specs.append(KernelSpec(
             f"explanation_loss.plane_stats_kernel[{dtype}]", lambda: _loss_kernels().plane_stats_kernel,

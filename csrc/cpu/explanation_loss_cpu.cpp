@@ -1,7 +1,8 @@
 // Fused explanation loss, CPU kernel (OpenMP through at::parallel_for, SIMD inner loops).
 //
-// Pass 1: cam = relu(alpha . A) (B, d, h, w); a (d, Y, Z) intermediate T of the separable upsample
-// (z, then y); every x-plane U[x] = lerp(T[i0], T[i1]) gives per-plane min/max and tie counts.
+// Pass 1: cam = relu(alpha . A) (B, d, h, w) and its scale max|alpha . A|; a (d, Y, Z) intermediate T of the
+// separable upsample (z, then y); every x-plane U[x] = lerp(T[i0], T[i1]) gives per-plane min/max (NaN if the
+// plane holds one) and tie counts; per sample, mn, mx and 1/R (0 when flat, see ../explanation_loss.h).
 // Pass 2: recompute each U plane, the per-voxel loss terms, and (when a gradient is wanted) the per-voxel
 // derivative channels contracted through the transposed upsample into per-plane (h, w) buffers.
 // Finalize: per-sample loss, min/max chain rule, lift along x -> gradient w.r.t. the pre-relu CAM.
@@ -27,9 +28,11 @@ namespace {
 // exp and log for float that GCC vectorises (glibc exposes its SIMD expf/logf only under -ffast-math).
 // exp: 2^n e^r with |r| <= ln2/2 and a degree-7 Taylor polynomial (< 2e-7 relative). No clamping (a clamp
 // next to the float->int conversion stops GCC's if-conversion): valid for |x| < 87, and the only caller
-// passes 2 * 5 * (S - 0.5) with S in [0, 1].
+// passes 2 * 5 * (S - 0.5) with S in [0, 1]. A NaN x is kept out of the float->int conversion (undefined
+// behaviour) and reaches the result through r.
 inline float exp_simd(float x) {
-  const int32_t n = static_cast<int32_t>(x * 1.44269504088896341f + 127.5f) - 127;  // round(x / ln2)
+  const float finite_x = x == x ? x : 0.0f;
+  const int32_t n = static_cast<int32_t>(finite_x * 1.44269504088896341f + 127.5f) - 127;  // round(x / ln2)
   const float nf = static_cast<float>(n);
   const float r = x - nf * 0.693145751953125f - nf * 1.428606765330187e-06f;  // ln2 split hi + lo
   float p = 1.0f / 5040.0f;
@@ -44,7 +47,8 @@ inline float exp_simd(float x) {
 }
 
 // log(x) for normal positive x: x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh((m-1)/(m+1)) by its
-// series to t^15 (|t| < 0.172: < 1e-9 truncation); absolute error < 6e-7 over [1e-6, 1].
+// series to t^15 (|t| < 0.172: < 1e-9 truncation); absolute error < 6e-7 over [1e-6, 1]. NaN gives NaN (the
+// bit manipulation alone would turn it into a finite number).
 inline float log_simd(float x) {
   const int32_t bits = __builtin_bit_cast(int32_t, x);
   const float m1 = __builtin_bit_cast(float, (bits & 0x007fffff) | 0x3f800000);  // [1, 2)
@@ -61,7 +65,8 @@ inline float log_simd(float x) {
   p = p * t2 + 1.0f / 5.0f;
   p = p * t2 + 1.0f / 3.0f;
   p = p * t2 + 1.0f;
-  return e * 0.693147180559945309f + 2.0f * t * p;
+  const float value = e * 0.693147180559945309f + 2.0f * t * p;
+  return x == x ? value : x;
 }
 
 // tanh(x) = 1 - 2 / (e^{2x} + 1); double keeps libm (gradcheck-grade accuracy, speed irrelevant).
@@ -127,10 +132,11 @@ struct Shapes {
   int64_t voxels() const { return X * Y * Z; }
 };
 
-// cam = relu(sum_c alpha A) and the (d, Y, Z) intermediate of the separable upsample, per sample.
+// cam = relu(sum_c alpha A), scale = max |sum_c alpha A| (the flat test's scale) and the (d, Y, Z)
+// intermediate of the separable upsample, per sample.
 template <typename T>
 void low_res_stage(const T* features, const T* alpha, const Shapes& s, const AxisTable<T>& ay,
-                   const AxisTable<T>& az, T* cam, T* inter) {
+                   const AxisTable<T>& az, T* cam, T* scale, T* inter) {
   at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> tz(s.d * s.h * s.Z);
     for (int64_t b = b0; b < b1; ++b) {
@@ -142,7 +148,12 @@ void low_res_stage(const T* features, const T* alpha, const Shapes& s, const Axi
 #pragma omp simd
         for (int64_t p = 0; p < s.low(); ++p) c[p] += a * f[p];
       }
-      for (int64_t p = 0; p < s.low(); ++p) c[p] = c[p] > T(0) ? c[p] : T(0);
+      T largest = T(0);
+      for (int64_t p = 0; p < s.low(); ++p) {
+        largest = std::max(largest, std::abs(c[p]));
+        c[p] = c[p] < T(0) ? T(0) : c[p];  // keeps NaN
+      }
+      scale[b] = largest;
       for (int64_t ij = 0; ij < s.d * s.h; ++ij) {
         for (int64_t z = 0; z < s.Z; ++z) {
           const auto& t = az.fwd[z];
@@ -183,12 +194,14 @@ PlaneStats<T> plane_min_max(const T* inter, const Shapes& s, const AxisTable<T>&
         lo = std::min(lo, plane[v]);
         hi = std::max(hi, plane[v]);
       }
-      int64_t n_lo = 0, n_hi = 0;
-#pragma omp simd reduction(+ : n_lo, n_hi)
+      int64_t n_lo = 0, n_hi = 0, n_nan = 0;
+#pragma omp simd reduction(+ : n_lo, n_hi, n_nan)
       for (int64_t v = 0; v < s.plane(); ++v) {
         n_lo += plane[v] == lo;
         n_hi += plane[v] == hi;
+        n_nan += plane[v] != plane[v];
       }
+      if (n_nan > 0) lo = hi = std::numeric_limits<T>::quiet_NaN();  // the SIMD min/max skip NaN
       st.min[p] = lo;
       st.max[p] = hi;
       st.n_min[p] = n_lo;
@@ -287,6 +300,7 @@ struct Pass2Args {
   const T* weights;
   const T* mn;       // (B,)
   const T* mx;       // (B,)
+  const T* inv_r;    // (B,) minmax_inverse_range: 0 for a flat sample
   const uint8_t* tie_plane;  // (B*X,) bit 0: holds the sample min, bit 1: holds the max
   double* plane_sums;        // (B*X, kPlaneSums)
   double* q;                 // (B*X, kQChannels, h, w)
@@ -309,7 +323,7 @@ void pass2(const Pass2Args<T>& a, const Shapes& s, const AxisTable<T>& ax, const
       const int64_t b = p / s.X, x = p % s.X;
       const auto& tx = ax.fwd[x];
       const T mn = a.mn[b];
-      const T inv_r = T(1) / (a.mx[b] - mn + static_cast<T>(kMinMaxEps));
+      const T inv_r = a.inv_r[b];
       const uint8_t ties = a.tie_plane[p];
       const T* t0 = a.inter + (b * s.d + tx.i0) * s.plane();
       const T* t1 = a.inter + (b * s.d + tx.i1) * s.plane();
@@ -388,16 +402,21 @@ void explanation_loss_cpu_impl(const at::Tensor& features, const at::Tensor& alp
                                bool need_grad, const Shapes& s, at::Tensor& loss, at::Tensor& grad_pre,
                                at::Tensor* cam_out) {
   const AxisTable<T> ax(s.d, s.X), ay(s.h, s.Y), az(s.w, s.Z);
-  std::vector<T> cam(s.B * s.low()), inter(s.B * s.d * s.plane());
-  low_res_stage<T>(features.data_ptr<T>(), alpha.data_ptr<T>(), s, ay, az, cam.data(), inter.data());
+  std::vector<T> cam(s.B * s.low()), scale(s.B), inter(s.B * s.d * s.plane());
+  low_res_stage<T>(features.data_ptr<T>(), alpha.data_ptr<T>(), s, ay, az, cam.data(), scale.data(), inter.data());
   const PlaneStats<T> st = plane_min_max<T>(inter.data(), s, ax);
 
-  std::vector<T> mn(s.B), mx(s.B);
+  std::vector<T> mn(s.B), mx(s.B), inv_r(s.B);
   std::vector<double> n_min(s.B, 0), n_max(s.B, 0);
   std::vector<uint8_t> tie_plane(s.B * s.X, 0);
   for (int64_t b = 0; b < s.B; ++b) {
-    mn[b] = *std::min_element(st.min.begin() + b * s.X, st.min.begin() + (b + 1) * s.X);
-    mx[b] = *std::max_element(st.max.begin() + b * s.X, st.max.begin() + (b + 1) * s.X);
+    mn[b] = st.min[b * s.X];
+    mx[b] = st.max[b * s.X];
+    for (int64_t x = 1; x < s.X; ++x) {
+      mn[b] = nan_min(mn[b], st.min[b * s.X + x]);
+      mx[b] = nan_max(mx[b], st.max[b * s.X + x]);
+    }
+    inv_r[b] = minmax_inverse_range(mn[b], mx[b], scale[b]);
     for (int64_t x = 0; x < s.X; ++x) {
       const int64_t p = b * s.X + x;
       if (st.min[p] == mn[b]) {
@@ -414,7 +433,7 @@ void explanation_loss_cpu_impl(const at::Tensor& features, const at::Tensor& alp
   std::vector<double> plane_sums(s.B * s.X * kPlaneSums, 0.0);
   std::vector<double> q(need_grad ? s.B * s.X * kQChannels * s.h * s.w : 0, 0.0);
   Pass2Args<T> args{inter.data(), target.data_ptr<T>(), soft ? soft->data_ptr<T>() : nullptr,
-                    weights ? weights->data_ptr<T>() : nullptr, mn.data(), mx.data(), tie_plane.data(),
+                    weights ? weights->data_ptr<T>() : nullptr, mn.data(), mx.data(), inv_r.data(), tie_plane.data(),
                     plane_sums.data(), q.data(), cam_out ? cam_out->data_ptr<T>() : nullptr};
   run_pass2<T>(method, weights != nullptr, need_grad, args, s, ax, ay, az);
 
@@ -431,12 +450,12 @@ void explanation_loss_cpu_impl(const at::Tensor& features, const at::Tensor& alp
                                   : tot[kMainSum] * s0;
     loss_ptr[b] = static_cast<T>(value);
     if (!need_grad) continue;
-    // R in the kernel's precision, as the voxels saw it.
-    const double inv_r = static_cast<double>(T(1) / (mx[b] - mn[b] + static_cast<T>(kMinMaxEps)));
+    // 1/R in the kernel's precision, as the voxels saw it; 0 for a flat sample zeroes every channel.
+    const double r_inv = static_cast<double>(inv_r[b]);
     const double g_sum = s0 * tot[kC0Sum] + tot[kC1Sum];
     const double gs_sum = s0 * tot[kC0SSum] + tot[kC1SSum];
-    const double coef[kQChannels] = {inv_r * s0, inv_r, (gs_sum - g_sum) * inv_r / n_min[b],
-                                     -gs_sum * inv_r / n_max[b]};
+    const double coef[kQChannels] = {r_inv * s0, r_inv, (gs_sum - g_sum) * r_inv / n_min[b],
+                                     -gs_sum * r_inv / n_max[b]};
     std::fill(g.begin(), g.end(), 0.0);
     const int64_t hw = s.h * s.w;
     for (int64_t x = 0; x < s.X; ++x) {
@@ -450,7 +469,8 @@ void explanation_loss_cpu_impl(const at::Tensor& features, const at::Tensor& alp
       }
     }
     for (int64_t p = 0; p < s.low(); ++p)
-      grad_ptr[b * s.low() + p] = cam[b * s.low() + p] > T(0) ? static_cast<T>(g[p]) : T(0);
+      // relu backward as torch's (cam <= 0 ? 0 : g): a NaN cam passes its NaN gradient
+      grad_ptr[b * s.low() + p] = cam[b * s.low() + p] <= T(0) ? T(0) : static_cast<T>(g[p]);
   }
 }
 
@@ -470,7 +490,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> explanation_loss_fwd_cpu(
   at::Tensor loss = at::empty({s.B}, features.options());
   at::Tensor grad_pre = at::zeros({s.B, s.d, s.h, s.w}, features.options());
   at::Tensor cam = write_cam ? at::empty({s.B, s.X, s.Y, s.Z}, features.options()) : at::empty({0}, features.options());
-  if (s.B == 0) return {loss, grad_pre, cam};
+  if (s.B == 0) return explanation_outputs(in, loss, grad_pre, cam);
   TORCH_CHECK(s.C > 0 && s.d > 0 && s.h > 0 && s.w > 0 && s.X > 0 && s.Y > 0 && s.Z > 0,
               "due_ext::explanation_loss_fwd: empty feature or target dimensions ", features.sizes(), ", ",
               target.sizes());
@@ -479,7 +499,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> explanation_loss_fwd_cpu(
                                         weights.defined() ? &weights : nullptr, method, need_grad, s, loss,
                                         grad_pre, write_cam ? &cam : nullptr);
   });
-  return {loss, grad_pre, cam};
+  return explanation_outputs(in, loss, grad_pre, cam);
 }
 
 }  // namespace due_ext

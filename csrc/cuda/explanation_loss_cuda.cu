@@ -1,9 +1,10 @@
 // Fused explanation loss, CUDA kernels (same math as csrc/cpu/explanation_loss_cpu.cpp; see
 // csrc/explanation_loss.h).
 //
-//   cam_kernel            grid (B, ceil(dhw/256)): cam = relu(sum_c alpha A)
-//   plane_stats_kernel    one block per (b, x) plane: min, max of U and their tie counts
-//   sample_stats_kernel   one thread per sample: mn, mx, #ties over the planes
+//   cam_kernel            grid (B, ceil(dhw/256)): cam = relu(sum_c alpha A) (keeps NaN), |sum_c alpha A|
+//   plane_stats_kernel    one block per (b, x) plane: min, max of U (NaN if the plane holds one), tie counts
+//   sample_stats_kernel   one thread per sample: mn, mx, #ties over the planes, the flat test's scale
+//                         max |sum_c alpha A| and inv_r = minmax_inverse_range (0 when flat)
 //   plane_terms_kernel    one block per plane: per-voxel terms; each thread owns columns z, so the y-adjoint
 //                         P[ch, j, z] accumulates in shared memory without atomics; then the z-adjoint -> Q
 //   finalize_kernel       one block per sample: loss, min/max chain rule, lift along x -> grad_pre
@@ -59,14 +60,15 @@ __device__ __forceinline__ T sign_of(T v) {
 
 template <typename T>
 __global__ void cam_kernel(const T* __restrict__ features, const T* __restrict__ alpha, T* __restrict__ cam,
-                           Dims s) {
+                           T* __restrict__ pre_abs, Dims s) {
   const int64_t b = blockIdx.x;
   const int64_t low = s.d * s.h * s.w;
   const int64_t p = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (p >= low) return;
   T acc = T(0);
   for (int64_t c = 0; c < s.C; ++c) acc += alpha[b * s.C + c] * features[(b * s.C + c) * low + p];
-  cam[b * low + p] = acc > T(0) ? acc : T(0);
+  cam[b * low + p] = acc < T(0) ? T(0) : acc;  // keeps NaN
+  pre_abs[b * low + p] = acc < T(0) ? -acc : acc;
 }
 
 // Block-wide reductions through shared memory (blockDim.x == kThreads).
@@ -105,13 +107,16 @@ __global__ void plane_stats_kernel(const T* __restrict__ cam, Dims s, T* __restr
   const int64_t b = p / s.X, x = p % s.X;
   const int64_t plane = s.Y * s.Z;
   T lo = T(INFINITY), hi = T(-INFINITY);
+  long long n_nan = 0;
   for (int64_t v = threadIdx.x; v < plane; v += blockDim.x) {
     const T u = upsampled(cam, s, b, x, v / s.Z, v % s.Z);
     lo = u < lo ? u : lo;
     hi = u > hi ? u : hi;
+    n_nan += u != u;
   }
   lo = block_reduce(lo, shared_t, MinOp());
   hi = block_reduce(hi, shared_t, MaxOp());
+  n_nan = block_reduce(n_nan, shared_n, AddOp());
   long long n_lo = 0, n_hi = 0;
   for (int64_t v = threadIdx.x; v < plane; v += blockDim.x) {
     const T u = upsampled(cam, s, b, x, v / s.Z, v % s.Z);
@@ -120,6 +125,7 @@ __global__ void plane_stats_kernel(const T* __restrict__ cam, Dims s, T* __restr
   }
   n_lo = block_reduce(n_lo, shared_n, AddOp());
   n_hi = block_reduce(n_hi, shared_n, AddOp());
+  if (n_nan > 0) lo = hi = T(NAN);  // the comparisons above skip NaN
   if (threadIdx.x == 0) {
     stats[2 * p] = lo;
     stats[2 * p + 1] = hi;
@@ -128,23 +134,29 @@ __global__ void plane_stats_kernel(const T* __restrict__ cam, Dims s, T* __restr
   }
 }
 
+// minmax[b] = (mn, mx, inv_r)
 template <typename T>
-__global__ void sample_stats_kernel(const T* __restrict__ stats, const long long* __restrict__ counts, Dims s,
-                                    T* __restrict__ minmax, double* __restrict__ ties) {
+__global__ void sample_stats_kernel(const T* __restrict__ stats, const long long* __restrict__ counts,
+                                    const T* __restrict__ pre_abs, Dims s, T* __restrict__ minmax,
+                                    double* __restrict__ ties) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= s.B) return;
-  T lo = T(INFINITY), hi = T(-INFINITY);
-  for (int64_t x = 0; x < s.X; ++x) {
-    lo = stats[2 * (b * s.X + x)] < lo ? stats[2 * (b * s.X + x)] : lo;
-    hi = stats[2 * (b * s.X + x) + 1] > hi ? stats[2 * (b * s.X + x) + 1] : hi;
+  T lo = stats[2 * b * s.X], hi = stats[2 * b * s.X + 1];
+  for (int64_t x = 1; x < s.X; ++x) {
+    lo = nan_min(lo, stats[2 * (b * s.X + x)]);
+    hi = nan_max(hi, stats[2 * (b * s.X + x) + 1]);
   }
+  const int64_t low = s.d * s.h * s.w;
+  T scale = T(0);
+  for (int64_t p = 0; p < low; ++p) scale = pre_abs[b * low + p] > scale ? pre_abs[b * low + p] : scale;
   double n_lo = 0, n_hi = 0;
   for (int64_t x = 0; x < s.X; ++x) {
     if (stats[2 * (b * s.X + x)] == lo) n_lo += static_cast<double>(counts[2 * (b * s.X + x)]);
     if (stats[2 * (b * s.X + x) + 1] == hi) n_hi += static_cast<double>(counts[2 * (b * s.X + x) + 1]);
   }
-  minmax[2 * b] = lo;
-  minmax[2 * b + 1] = hi;
+  minmax[3 * b] = lo;
+  minmax[3 * b + 1] = hi;
+  minmax[3 * b + 2] = minmax_inverse_range(lo, hi, scale);
   ties[2 * b] = n_lo;
   ties[2 * b + 1] = n_hi;
 }
@@ -155,7 +167,7 @@ struct TermArgs {
   const T* target;
   const T* soft;
   const T* weights;  // nullptr: all ones
-  const T* minmax;
+  const T* minmax;  // (B, 3): mn, mx, inv_r
   T* cam_out;  // nullptr: not written
   double* plane_sums;
   double* q;  // (B*X, kQChannels, h, w) or nullptr when no gradient is wanted
@@ -169,8 +181,8 @@ __global__ void plane_terms_kernel(TermArgs<T> a, Dims s, int method, bool need_
   __shared__ double shared_sum[kThreads];
   const int64_t p = blockIdx.x;
   const int64_t b = p / s.X, x = p % s.X;
-  const T mn = a.minmax[2 * b], mx = a.minmax[2 * b + 1];
-  const T inv_r = T(1) / (mx - mn + static_cast<T>(kMinMaxEps));
+  const T mn = a.minmax[3 * b], mx = a.minmax[3 * b + 1];
+  const T inv_r = a.minmax[3 * b + 2];  // 0 for a flat sample
   const T inv_n = T(1) / static_cast<T>(s.X * s.Y * s.Z);
   const T lo = static_cast<T>(kBceClamp), hi = T(1) - static_cast<T>(kBceClamp);
   const T k5 = static_cast<T>(kTanhScale);
@@ -263,8 +275,7 @@ __global__ void finalize_kernel(const T* __restrict__ cam, const T* __restrict__
                              ? tot[kMainSum] * s0 + tot[kContSum] / static_cast<double>(s.X * s.Y * s.Z)
                              : tot[kMainSum] * s0;
     loss[b] = static_cast<T>(value);
-    const T mn = minmax[2 * b], mx = minmax[2 * b + 1];
-    const double inv_r = static_cast<double>(T(1) / (mx - mn + static_cast<T>(kMinMaxEps)));
+    const double inv_r = static_cast<double>(minmax[3 * b + 2]);  // 1/R as the voxels saw it; 0 when flat
     const double g_sum = s0 * tot[kC0Sum] + tot[kC1Sum];
     const double gs_sum = s0 * tot[kC0SSum] + tot[kC1SSum];
     coef[0] = inv_r * s0;
@@ -288,7 +299,8 @@ __global__ void finalize_kernel(const T* __restrict__ cam, const T* __restrict__
       for (int ch = 0; ch < kQChannels; ++ch) v += coef[ch] * qx[ch * hw + jk];
       g += weight * v;
     }
-    grad_pre[b * low + e] = cam[b * low + e] > T(0) ? static_cast<T>(g) : T(0);
+    // relu backward as torch's (cam <= 0 ? 0 : g): a NaN cam passes its NaN gradient
+    grad_pre[b * low + e] = cam[b * low + e] <= T(0) ? T(0) : static_cast<T>(g);
   }
 }
 
@@ -310,15 +322,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> explanation_loss_fwd_cuda(
   at::Tensor loss = at::empty({s.B}, options);
   at::Tensor grad_pre = at::zeros({s.B, s.d, s.h, s.w}, options);
   at::Tensor cam_out = write_cam ? at::empty({s.B, s.X, s.Y, s.Z}, options) : at::empty({0}, options);
-  if (s.B == 0) return {loss, grad_pre, cam_out};
+  if (s.B == 0) return explanation_outputs(in, loss, grad_pre, cam_out);
   TORCH_CHECK(s.C > 0 && s.d > 0 && s.h > 0 && s.w > 0 && s.X > 0 && s.Y > 0 && s.Z > 0,
               "due_ext::explanation_loss_fwd: empty feature or target dimensions");
   const int64_t low = s.d * s.h * s.w, planes = s.B * s.X;
   auto doubles = options.dtype(at::kDouble);
   at::Tensor cam = at::empty({s.B, s.d, s.h, s.w}, options);
+  at::Tensor pre_abs = at::empty({s.B, s.d, s.h, s.w}, options);
   at::Tensor stats = at::empty({planes, 2}, options);
   at::Tensor counts = at::empty({planes, 2}, options.dtype(at::kLong));
-  at::Tensor minmax = at::empty({s.B, 2}, options);
+  at::Tensor minmax = at::empty({s.B, 3}, options);
   at::Tensor ties = at::empty({s.B, 2}, doubles);
   at::Tensor plane_sums = at::empty({planes, kPlaneSums}, doubles);
   at::Tensor q = need_grad ? at::empty({planes, kQChannels, s.h, s.w}, doubles) : at::empty({0}, doubles);
@@ -331,12 +344,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> explanation_loss_fwd_cuda(
                 ")");
     const dim3 cam_grid(static_cast<unsigned>(s.B), static_cast<unsigned>((low + kThreads - 1) / kThreads));
     cam_kernel<scalar_t><<<cam_grid, kThreads, 0, stream>>>(features.data_ptr<scalar_t>(),
-                                                            alpha.data_ptr<scalar_t>(), cam.data_ptr<scalar_t>(), s);
+                                                            alpha.data_ptr<scalar_t>(), cam.data_ptr<scalar_t>(),
+                                                            pre_abs.data_ptr<scalar_t>(), s);
     plane_stats_kernel<scalar_t><<<static_cast<unsigned>(planes), kThreads, 0, stream>>>(
         cam.data_ptr<scalar_t>(), s, stats.data_ptr<scalar_t>(), reinterpret_cast<long long*>(counts.data_ptr<int64_t>()));
     sample_stats_kernel<scalar_t><<<static_cast<unsigned>((s.B + 127) / 128), 128, 0, stream>>>(
-        stats.data_ptr<scalar_t>(), reinterpret_cast<const long long*>(counts.data_ptr<int64_t>()), s,
-        minmax.data_ptr<scalar_t>(), ties.data_ptr<double>());
+        stats.data_ptr<scalar_t>(), reinterpret_cast<const long long*>(counts.data_ptr<int64_t>()),
+        pre_abs.data_ptr<scalar_t>(), s, minmax.data_ptr<scalar_t>(), ties.data_ptr<double>());
     TermArgs<scalar_t> args{cam.data_ptr<scalar_t>(),
                             target.data_ptr<scalar_t>(),
                             soft.defined() ? soft.data_ptr<scalar_t>() : nullptr,
@@ -355,7 +369,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> explanation_loss_fwd_cuda(
   const cudaError_t err = cudaGetLastError();
   TORCH_CHECK(err == cudaSuccess, "due_ext::explanation_loss_fwd (CUDA): kernel launch failed: ",
               cudaGetErrorString(err));
-  return {loss, grad_pre, cam_out};
+  return explanation_outputs(in, loss, grad_pre, cam_out);
 }
 
 }  // namespace due_ext

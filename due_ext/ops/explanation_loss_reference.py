@@ -1,8 +1,8 @@
 """Pure-PyTorch oracle of :func:`due_ext.ops.explanation_loss`: every kernel is tested against this.
 
 It is the plain composition of :func:`due_ext.explain.cam.normalized_cam` (combine -> trilinear upsample ->
-min-max) with the per-method loss below, so autograd differentiates it. It materialises several
-full-resolution tensors, which is what the fused kernels avoid.
+min-max, a flat map giving zeros and no gradient) with the per-method loss below, so autograd differentiates
+it. It materialises several full-resolution tensors, which is what the fused kernels avoid.
 
 ``S`` is the normalised CAM ``(B, X, Y, Z)``, ``m`` the binary annotation, ``I`` the soft target, ``w`` the
 per-voxel weights (ones when not given); every loss is per sample, shape ``(B,)``:

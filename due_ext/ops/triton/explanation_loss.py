@@ -1,8 +1,10 @@
 """Triton kernels of :func:`due_ext.ops.explanation_loss` (same passes as the C++ kernel, see
 ``csrc/explanation_loss.h`` for the math).
 
-- :func:`cam_kernel`: ``cam = relu(sum_c alpha A)``, one program per sample.
-- :func:`plane_stats_kernel`: one program per (sample, x-plane): min, max and tie counts of the upsampled ``U``.
+- :func:`cam_kernel`: ``cam = relu(sum_c alpha A)`` and the flat test's scale ``max |sum_c alpha A|``, one program
+  per sample.
+- :func:`plane_stats_kernel`: one program per (sample, x-plane): min, max (NaN if the plane holds a NaN) and tie
+  counts of the upsampled ``U``.
 - :func:`plane_terms_kernel`: one program per (sample, x-plane): ``S``, the per-voxel loss terms, and the
   derivative channels contracted through the transposed upsample into per-plane ``(h, w)`` buffers.
 - :func:`explanation_loss_forward` combines the per-plane results on the host side with small torch ops.
@@ -10,6 +12,10 @@
 ``U`` is recomputed from the low-res CAM by the same ``@triton.jit`` helper in both passes. Runs on a GPU, or
 on CPU tensors under ``TRITON_INTERPRET=1`` (set before triton is imported). The interpreter has no libdevice
 ``tanh``, so it is written with ``tl.exp``.
+
+NaN: ``tl.maximum``/``tl.minimum`` and the ``tl.min``/``tl.max`` reductions skip NaN by default, so the relu and
+the clamp are written with ``tl.where`` and NaNs are counted explicitly. Half-precision inputs are computed in
+float32 (:func:`explanation_loss_forward`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from due_ext.explain.cam import FLAT_RTOL, MINMAX_EPS
 from due_ext.ops.explanation_loss_reference import BCE_CLAMP, TANH_SCALE, WEIGHT_EPS
 
 #: Method codes of the fused kernels (``METHOD`` constexpr).
@@ -25,16 +32,16 @@ METHOD_CODES = {"due": 0, "baseline_plus": 1, "gradia": 2, "haics": 3}
 #: Per-plane partial sums, in order (as ``csrc/explanation_loss.h``): main, cont, norm, c0, c0*S, c1, c1*S.
 PLANE_SUMS = 7
 Q_CHANNELS = 4
-MINMAX_EPS = 1e-6
 # Constants read inside the kernels must be constexpr globals.
 _TANH_SCALE = tl.constexpr(TANH_SCALE)
 _BCE_CLAMP = tl.constexpr(BCE_CLAMP)
 
 
 @triton.jit
-def cam_kernel(features_ptr, alpha_ptr, cam_ptr, channels, low, BLOCK: tl.constexpr):
+def cam_kernel(features_ptr, alpha_ptr, cam_ptr, scale_ptr, channels, low, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
+    largest = tl.zeros([BLOCK], dtype=cam_ptr.dtype.element_ty)
     for start in range(0, low, BLOCK):
         p = start + offs
         mask = p < low
@@ -43,7 +50,9 @@ def cam_kernel(features_ptr, alpha_ptr, cam_ptr, channels, low, BLOCK: tl.conste
             a = tl.load(alpha_ptr + b * channels + c)
             f = tl.load(features_ptr + (b * channels + c) * low + p, mask=mask, other=0.0)
             acc += a * f
-        tl.store(cam_ptr + b * low + p, tl.maximum(acc, 0.0), mask=mask)
+        largest = tl.maximum(largest, tl.abs(acc))
+        tl.store(cam_ptr + b * low + p, tl.where(acc < 0.0, 0.0, acc), mask=mask)  # relu that keeps NaN
+    tl.store(scale_ptr + b, tl.max(largest))
 
 
 @triton.jit
@@ -89,6 +98,7 @@ def plane_stats_kernel(cam_ptr, lx_i0, lx_i1, lx_f, ly_i0, ly_i1, ly_f, lz_i0, l
     run_max = tl.full([], -float("inf"), cam_ptr.dtype.element_ty)
     n_min = 0
     n_max = 0
+    n_nan = 0
     for y_start in range(0, Y, BY):
         y = y_start + tl.arange(0, BY)
         ymask = y < Y
@@ -99,10 +109,13 @@ def plane_stats_kernel(cam_ptr, lx_i0, lx_i1, lx_f, ly_i0, ly_i1, ly_f, lz_i0, l
         c_max = tl.max(tl.where(mask, u, -float("inf")))
         k_min = tl.sum(tl.where(mask & (u == c_min), 1, 0))
         k_max = tl.sum(tl.where(mask & (u == c_max), 1, 0))
+        n_nan += tl.sum(tl.where(mask & (u != u), 1, 0))
         n_min = tl.where(c_min < run_min, k_min, tl.where(c_min == run_min, n_min + k_min, n_min))
         n_max = tl.where(c_max > run_max, k_max, tl.where(c_max == run_max, n_max + k_max, n_max))
         run_min = tl.minimum(run_min, c_min)
         run_max = tl.maximum(run_max, c_max)
+    run_min = tl.where(n_nan > 0, float("nan"), run_min)
+    run_max = tl.where(n_nan > 0, float("nan"), run_max)
     tl.store(stats_ptr + pid * 2, run_min)
     tl.store(stats_ptr + pid * 2 + 1, run_max)
     tl.store(counts_ptr + pid * 2, n_min)
@@ -143,9 +156,9 @@ def plane_terms_kernel(cam_ptr, target_ptr, soft_ptr, weights_ptr, minmax_ptr, o
     pid = tl.program_id(0).to(tl.int64)
     b = pid // X
     x = pid % X
-    mn = tl.load(minmax_ptr + b * 2)
-    mx = tl.load(minmax_ptr + b * 2 + 1)
-    inv_r = 1.0 / (mx - mn + 1e-6)
+    mn = tl.load(minmax_ptr + b * 3)
+    mx = tl.load(minmax_ptr + b * 3 + 1)
+    inv_r = tl.load(minmax_ptr + b * 3 + 2)  # 0 for a flat sample
     z = tl.arange(0, BZ)
     zmask = z < Z
     zero = mn * 0.0
@@ -195,7 +208,7 @@ def plane_terms_kernel(cam_ptr, target_ptr, soft_ptr, weights_ptr, minmax_ptr, o
             if NEED_GRAD:
                 c0 = wv * _sign(diff)
         else:
-            sc = tl.minimum(tl.maximum(s, _BCE_CLAMP), 1.0 - _BCE_CLAMP)
+            sc = tl.where(s < _BCE_CLAMP, _BCE_CLAMP, tl.where(s > 1.0 - _BCE_CLAMP, 1.0 - _BCE_CLAMP, s))
             bce = -(m * tl.log(sc) + (1.0 - m) * tl.log(1.0 - sc))
             s_main += tl.sum(wv * bce)
             s_norm += tl.sum(wv)
@@ -258,7 +271,8 @@ def explanation_loss_forward(features: torch.Tensor, alpha: torch.Tensor, target
                              soft_target: torch.Tensor | None, weights: torch.Tensor | None, method: str,
                              need_grad: bool, write_cam: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss (B,), grad_pre (B, d, h, w), cam (B, X, Y, Z) or (0,))``, the contract of
-    ``due_ext::explanation_loss_fwd``; inputs already validated and of one float dtype."""
+    ``due_ext::explanation_loss_fwd``; inputs already validated, the volumes in the compute dtype. float16 and
+    bfloat16 features are computed in float32: loss and cam come back in their dtype, grad_pre in float32."""
     if method not in METHOD_CODES:
         raise ValueError(f"explanation_loss (triton): method {method!r} has no fused kernel; fused: "
                          f"{', '.join(METHOD_CODES)}")
@@ -267,6 +281,9 @@ def explanation_loss_forward(features: torch.Tensor, alpha: torch.Tensor, target
         raise ValueError(f"explanation_loss (triton): method {method!r} needs soft_target")
     if method == "baseline_plus":
         weights = None
+    out_dtype = features.dtype
+    if out_dtype in (torch.float16, torch.bfloat16):
+        features, alpha = features.float(), alpha.float()
     features, alpha, target = features.contiguous(), alpha.contiguous(), target.contiguous()
     soft_target = soft_target.contiguous() if due_like else target
     weights = weights.contiguous() if weights is not None else target
@@ -277,8 +294,9 @@ def explanation_loss_forward(features: torch.Tensor, alpha: torch.Tensor, target
     planes = batch * X
 
     cam = torch.empty((batch, d, h, w), dtype=dtype, device=device)
+    scale = torch.empty((batch,), dtype=dtype, device=device)
     low = d * h * w
-    cam_kernel[(batch,)](features, alpha, cam, channels, low, BLOCK=min(triton.next_power_of_2(low), 1024))
+    cam_kernel[(batch,)](features, alpha, cam, scale, channels, low, BLOCK=min(triton.next_power_of_2(low), 1024))
     tables = [lerp_tables(n_in, n_out, dtype, device) for n_in, n_out in ((d, X), (h, Y), (w, Z))]
     flat_tables = [t for table in tables for t in table]
     BZ = triton.next_power_of_2(Z)
@@ -288,12 +306,15 @@ def explanation_loss_forward(features: torch.Tensor, alpha: torch.Tensor, target
     plane_stats_kernel[(planes,)](cam, *flat_tables, stats, counts, d, h, w, X, Y, Z, BY=BY, BZ=BZ)
 
     stats = stats.view(batch, X, 2)
-    mn = stats[..., 0].amin(dim=1)
+    mn = stats[..., 0].amin(dim=1)  # amin/amax keep NaN
     mx = stats[..., 1].amax(dim=1)
     counts = counts.view(batch, X, 2).double()
     n_min = (counts[..., 0] * (stats[..., 0] == mn[:, None])).sum(dim=1)
     n_max = (counts[..., 1] * (stats[..., 1] == mx[:, None])).sum(dim=1)
-    minmax = torch.stack([mn, mx], dim=1).contiguous()
+    # minmax_inverse_range of csrc/explanation_loss.h, in the kernel's dtype
+    span = mx - mn
+    inv_r = torch.where(span <= FLAT_RTOL * scale, torch.zeros_like(span), 1.0 / (span + MINMAX_EPS))
+    minmax = torch.stack([mn, mx, inv_r], dim=1).contiguous()
 
     sums = torch.empty((planes, PLANE_SUMS), dtype=dtype, device=device)
     q = torch.zeros((planes, Q_CHANNELS, h * w) if need_grad else (1,), dtype=dtype, device=device)
@@ -313,12 +334,12 @@ def explanation_loss_forward(features: torch.Tensor, alpha: torch.Tensor, target
         loss = main * s0
     grad_pre = torch.zeros((batch, d, h, w), dtype=dtype, device=device)
     if need_grad:
-        inv_r = (1.0 / (mx - mn + MINMAX_EPS)).double()
+        inv_r = inv_r.double()
         g_sum = s0 * c0 + c1
         gs_sum = s0 * c0s + c1s
         coef = torch.stack([inv_r * s0, inv_r, (gs_sum - g_sum) * inv_r / n_min, -gs_sum * inv_r / n_max], dim=1)
         per_plane = (q.view(batch, X, Q_CHANNELS, h * w).double() * coef[:, None, :, None]).sum(dim=2)
         lift = _dense_weights(*tables[0], d)  # (X, d)
         grad = torch.einsum("xi,bxp->bip", lift, per_plane).reshape(batch, d, h, w)
-        grad_pre = torch.where(cam > 0, grad, 0.0).to(dtype)
-    return loss.to(dtype), grad_pre, out_cam
+        grad_pre = torch.where(cam <= 0, 0.0, grad).to(dtype)  # relu backward as torch's: NaN passes
+    return loss.to(out_dtype), grad_pre, out_cam.to(out_dtype)
