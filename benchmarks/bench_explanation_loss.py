@@ -5,6 +5,8 @@ Variants (all compute the ``due`` loss with weights, identical values):
   compiled     torch.compile of the reference
   separable    torch.compile of a formulation whose trilinear upsample is three small matmuls
   ours         due_ext.ops.explanation_loss (C++ kernel)
+  ours-bf16    the same op given bfloat16 A and alpha, as a network under CPU autocast hands them over (the
+               volumes stay float32); the op computes in float32 and returns bfloat16 loss and gradients
 
 Time: median of ``--repeat`` forward+backward runs after warm-up, all variants in this process.
 Peak extra memory: each variant in a fresh subprocess (glibc mmap threshold fixed at 128 KiB so freed tensors
@@ -13,7 +15,7 @@ kernel's peak-RSS mark is reset (``echo 5 > /proc/self/clear_refs``), then the v
 ``VmHWM`` over the ``VmRSS`` before the run is reported. Bandwidth: bytes our op must read (A, mask, soft
 target, weights) per fwd+bwd over its time, against a copy (clone) bandwidth measured in the same run.
 
-    python benchmarks/bench_explanation_loss.py [--repeat 10] [--sizes paper,demo] [--markdown]
+    python benchmarks/bench_explanation_loss.py [--repeat 10] [--sizes paper,demo] [--variants ours,ours-bf16]
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ SIZES = {
     "paper": (4, 512, (4, 4, 4), (128, 128, 64)),
     "demo": (4, 64, (4, 4, 2), (64, 64, 32)),
 }
-VARIANTS = ("eager", "compiled", "separable", "ours")
+VARIANTS = ("eager", "compiled", "separable", "ours", "ours-bf16")
 
 
 def make_inputs(size: str, seed: int = 0):
@@ -74,6 +76,13 @@ def separable_due_loss(features, alpha, mask, soft, weights, mx, my, mz):
     return binary + (weights * (s - soft).abs()).flatten(1).mean(1)
 
 
+def variant_inputs(name: str, inputs):
+    """The inputs a variant is timed on: ``ours-bf16`` gets A and alpha in bfloat16."""
+    if name == "ours-bf16":
+        return (inputs[0].bfloat16(), inputs[1].bfloat16(), *inputs[2:])
+    return inputs
+
+
 def build_variant(name: str, inputs):
     from due_ext.ops import explanation_loss
     from due_ext.ops.explanation_loss_reference import explanation_loss_reference
@@ -89,7 +98,7 @@ def build_variant(name: str, inputs):
         mats = [interpolation_matrix(size[i], features.shape[2 + i]) for i in range(3)]
         fn = torch.compile(separable_due_loss)
         return lambda f, a: fn(f, a, mask, soft, weights, *mats)
-    if name == "ours":
+    if name in ("ours", "ours-bf16"):
         return lambda f, a: explanation_loss(f, a, mask, soft, weights, "due")
     raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}")
 
@@ -111,6 +120,21 @@ def time_variant(fn, inputs, repeat: int, warmup: int = 2) -> float:
         step(fn, inputs[0], inputs[1])
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def time_interleaved(runs: dict, repeat: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each ``name -> (fn, inputs)``, the runs alternating so that a changing machine load
+    falls on all of them alike (for ratios between variants)."""
+    for _ in range(warmup):
+        for fn, inputs in runs.values():
+            step(fn, inputs[0], inputs[1])
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, (fn, inputs) in runs.items():
+            start = time.perf_counter()
+            step(fn, inputs[0], inputs[1])
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
 
 
 def copy_bandwidth(nbytes: int = 256 << 20, repeat: int = 10) -> float:
@@ -136,7 +160,7 @@ def _status_kib(field: str) -> int:
 
 def peak_memory_child(size: str, variant: str) -> None:
     """Run in a subprocess: print peak extra RSS (MiB) of one fwd+bwd after warm-up."""
-    inputs = make_inputs(size)
+    inputs = variant_inputs(variant, make_inputs(size))
     fn = build_variant(variant, inputs)
     step(fn, inputs[0], inputs[1])
     step(fn, inputs[0], inputs[1])
@@ -162,6 +186,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--sizes", default="paper,demo")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="subset of " + ",".join(VARIANTS))
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--child", nargs=2, metavar=("SIZE", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -179,23 +204,40 @@ def main() -> None:
     for size in args.sizes.split(","):
         inputs = make_inputs(size)
         reference = step(build_variant("eager", inputs), inputs[0], inputs[1])
-        results = {}
-        for variant in VARIANTS:
-            fn = build_variant(variant, inputs)
-            got = step(fn, inputs[0], inputs[1])
-            diff = max(((g - r).abs().max() / r.abs().max()).item() for g, r in zip(got, reference, strict=True))
-            ms = time_variant(fn, inputs, args.repeat) * 1e3
+        # bf16 variants are compared with eager on the same rounded values: the op's own error (output rounding),
+        # not the rounding of its inputs (which a network under autocast does before the op)
+        rounded = variant_inputs("ours-bf16", inputs)
+        rounded_reference = step(build_variant("eager", inputs), rounded[0].float(), rounded[1].float())
+        results = {"eager": time_variant(build_variant("eager", inputs), inputs, args.repeat) * 1e3}
+        for variant in args.variants.split(","):
+            timed = variant_inputs(variant, inputs)
+            fn = build_variant(variant, timed)
+            got = step(fn, timed[0], timed[1])
+            expected = rounded_reference if variant.endswith("-bf16") else reference
+            diff = max(((g.float() - r).abs().max() / r.abs().max()).item()
+                       for g, r in zip(got, expected, strict=True))
+            ms = results["eager"] if variant == "eager" else time_variant(fn, timed, args.repeat) * 1e3
             mib = float("nan") if args.no_memory else peak_memory(size, variant)
             results[variant] = ms
             print(f"| {size} | {variant} | {ms:.2f} | {results['eager'] / ms:.1f}x | {mib:.1f} | {diff:.2e} |",
                   flush=True)
-        features, _, mask, soft, weights = inputs
-        nbytes = sum(t.numel() * t.element_size() for t in (features, mask, soft, weights))
-        achieved = nbytes / (results["ours"] * 1e-3)
-        print(f"{size}: ours reads {nbytes / 1e6:.1f} MB per fwd+bwd -> {achieved / 1e9:.2f} GB/s "
-              f"({100 * achieved / bandwidth:.0f}% of copy bandwidth); vs best compiled "
-              f"{min(results['compiled'], results['separable']) / results['ours']:.2f}x; load average now "
-              f"{os.getloadavg()[0]:.2f}", flush=True)
+        if "ours" in results:
+            features, _, mask, soft, weights = inputs
+            nbytes = sum(t.numel() * t.element_size() for t in (features, mask, soft, weights))
+            achieved = nbytes / (results["ours"] * 1e-3)
+            compiled = [results[v] for v in ("compiled", "separable") if v in results]
+            vs_compiled = f"; vs best compiled {min(compiled) / results['ours']:.2f}x" if compiled else ""
+            print(f"{size}: ours reads {nbytes / 1e6:.1f} MB per fwd+bwd -> {achieved / 1e9:.2f} GB/s "
+                  f"({100 * achieved / bandwidth:.0f}% of copy bandwidth){vs_compiled}", flush=True)
+        if "ours" in results and "ours-bf16" in results:
+            amp = time_interleaved({v: (build_variant(v, variant_inputs(v, inputs)), variant_inputs(v, inputs))
+                                    for v in ("ours", "ours-bf16")}, 2 * args.repeat)
+            rounding = max(((g - r).abs().max() / r.abs().max()).item()
+                           for g, r in zip(rounded_reference, reference, strict=True))
+            print(f"{size}: interleaved medians of {2 * args.repeat}: fp32 {amp['ours'] * 1e3:.2f} ms, bf16 inputs "
+                  f"{amp['ours-bf16'] * 1e3:.2f} ms ({amp['ours-bf16'] / amp['ours']:.3f}x); rounding A and alpha "
+                  f"to bf16 alone moves eager's loss/gradients by {rounding:.2e} (max rel)", flush=True)
+        print(f"{size}: load average now {os.getloadavg()[0]:.2f}", flush=True)
 
 
 if __name__ == "__main__":
