@@ -74,6 +74,26 @@ def test_evaluate_loads_the_model_of_its_own_method(trained):
     assert not (root / "eval" / "gradia").exists()
 
 
+def _parsed_trainer(root: Path, **overrides):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "train.json"))
+    # no data and no handlers: only the trainer's own settings are looked at
+    parser.update({"bundle_root": str(root), "block_inplanes": [4, 8, 8, 8], "device": "$torch.device('cpu')",
+                   "train#trainer#train_data_loader": "$[{}]", "train#trainer#train_handlers": [], **overrides})
+    return parser.get_parsed_content("train#trainer")
+
+
+def test_amp_and_gradient_clipping_keys_reach_the_trainer(tmp_path):
+    import torch
+
+    default = _parsed_trainer(tmp_path)
+    assert default.amp_dtype is None and default.grad_clip_norm is None  # off unless asked for
+    trainer = _parsed_trainer(tmp_path, amp="bf16", grad_clip_norm=5.0)
+    assert trainer.amp_dtype is torch.bfloat16 and trainer.grad_clip_norm == 5.0
+
+
 def test_inference_writes_probabilities_and_gradcam(trained):
     tmp, root = trained
     images = sorted((tmp / "cache" / "datasets").glob("phantom-*/images/test_*.nii.gz"))[:2]

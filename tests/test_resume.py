@@ -129,3 +129,29 @@ def test_load_network_weights_is_strict_and_loud(tmp_path):
     save_state_dict(source.state_dict(), tmp_path / "ok.pt")
     loaded = load_network_weights(tiny_resnet(seed=4), tmp_path / "ok.pt")
     assert torch.equal(loaded.conv1.weight, source.conv1.weight)
+
+
+def test_epoch_seeder_makes_random_transforms_of_an_epoch_independent_of_the_earlier_ones():
+    """With num_workers=0 a MONAI random transform keeps its own generator across epochs: the epoch after a
+    resume must draw what it draws in an uninterrupted run."""
+    from ignite.engine import Engine
+    from monai.data import DataLoader, Dataset
+    from monai.transforms import RandScaleIntensityd
+    from monai.utils import set_determinism
+
+    from due_ext.engines import EpochSeeder
+
+    def run(start_epoch: int) -> list[torch.Tensor]:
+        set_determinism(seed=0)  # what a bundle's `initialize` does in a new process
+        dataset = Dataset([{"x": torch.ones(1, 3)} for _ in range(4)], RandScaleIntensityd("x", factors=0.5, prob=1.0))
+        drawn = []
+        engine = Engine(lambda e, batch: drawn.append((e.state.epoch, batch["x"].clone())))
+        EpochSeeder(seed=3, dataset=dataset).attach(engine)
+        engine.load_state_dict({"epoch": start_epoch, "max_epochs": 3, "epoch_length": 2})
+        engine.run(DataLoader(dataset, batch_size=2, shuffle=True, num_workers=0))
+        return [x for epoch, x in drawn if epoch == 3]
+
+    straight, resumed = run(0), run(2)
+    assert len(straight) == len(resumed) == 2
+    for a, b in zip(straight, resumed, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from monai.data.utils import set_rnd
 from monai.utils import set_determinism
 
 from due_ext.data.atomic import atomic_destination
@@ -110,16 +111,27 @@ class TrainingCheckpoint:
 
 class EpochSeeder:
     """Seed every random generator at the start of epoch ``e`` with ``seed + e`` (``monai.utils.set_determinism``),
-    so data order and random transforms of an epoch do not depend on what ran before it (exact resume)."""
+    so data order and random transforms of an epoch do not depend on what ran before it (exact resume).
 
-    def __init__(self, seed: int = 0) -> None:
+    Args:
+        seed: the run's seed.
+        dataset: the training dataset, whose MONAI random transforms keep their own generators: with
+            ``num_workers=0`` MONAI's ``DataLoader`` seeds them once, when it is built, so they would carry their
+            state from epoch to epoch (and restart from scratch after a resume); they are reseeded here too.
+            (Worker processes reseed their copies from the global generator each epoch, which ``seed`` covers.)
+    """
+
+    def __init__(self, seed: int = 0, dataset: object | None = None) -> None:
         self.seed = int(seed)
+        self.dataset = dataset
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
         set_determinism(seed=self.seed + engine.state.epoch)
+        if self.dataset is not None:
+            set_rnd(self.dataset, self.seed + engine.state.epoch)
 
 
 class BestModelSaver:
