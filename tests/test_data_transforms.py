@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset, MetaTensor, load_decathlon_datalist
+from monai.transforms import Compose, Invertd
 
 from due_ext.data.axes import foreground_slices
 from due_ext.data.transforms import (
@@ -177,6 +178,20 @@ def test_resample_rejects_bad_arguments():
         ResampleToSized(["image", "annotation", "mask"], (4, 4, 4))(item)
 
 
+def test_resample_is_inverted_back_to_the_input_grid():
+    """Invertd undoes the resize of the image (what inference does to put a CAM back on the input's grid)."""
+    item = _positive(size=(8, 6, 4), slices=(1, 3))
+    resample = Compose([ResampleToSized(["image", "annotation"], (4, 4, 8))])
+    out = resample(item)
+    assert out["image"].shape == (1, 4, 4, 8)
+    cam = MetaTensor(torch.full((1, 4, 4, 8), 0.25))
+    back = Invertd("cam", transform=resample, orig_keys="image", nearest_interp=False)({**out, "cam": cam})["cam"]
+    assert back.shape == (1, 8, 6, 4)
+    torch.testing.assert_close(back.affine, item["image"].affine)
+    # a constant stays constant through trilinear interpolation (float32: exact for 0.25)
+    torch.testing.assert_close(back.as_tensor(), torch.full((1, 8, 6, 4), 0.25))
+
+
 def test_load_transforms_batches_positives_and_negatives(tiny_dataset):
     items = load_decathlon_datalist(tiny_dataset, data_list_key="training")
     originals = {item["image"]: item.get("annotated_slices") for item in items}
@@ -212,6 +227,11 @@ def test_load_transforms_options(tiny_dataset):
         load_transforms(["annotation", "image"])
     with pytest.raises(ValueError, match=r"\['label'\] are not volume keys"):
         load_transforms(["image", "label"])
+    # the raw-scan profile keys reach the chain: 8 slices of 2 mm at 4 mm are 4 slices (MONAI keeps the first
+    # slice centre: 7 intervals of 2 mm = 3.5 of 4 mm, rounded up to 4 slices)
+    spaced = load_transforms(["image", "annotation"], keep_slices=True, spacing=[1.25, 1.25, 5.0])(item)
+    assert spaced["image"].shape[-1] == 4
+    assert spaced["annotated_slices"] == sorted({min(3, int(z * 0.5 + 0.5)) for z in item["annotated_slices"]})
 
 
 def test_load_transforms_from_bundle_style_json(tiny_dataset):

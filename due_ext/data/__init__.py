@@ -5,6 +5,8 @@
 - :mod:`~due_ext.data.nifti`, :mod:`~due_ext.data.datalist`: crash-safe reading and writing.
 - :mod:`~due_ext.data.validate`: checks of datalists and items (``python -m due_ext data check``).
 - :mod:`~due_ext.data.transforms`: dictionary transforms and the standard loading pipeline.
+- :mod:`~due_ext.data.preprocessing`: that pipeline as one chain for raw scans too (orientation, spacing, CT window
+  or MR percentiles, crop or pad) and the way back of a Grad-CAM onto its input's grid.
 - :mod:`~due_ext.data.importing`, :mod:`~due_ext.data.readers`: importing your own scans and drawings (NIfTI,
   NRRD, 3D Slicer segmentations, DICOM) as a datalist (``python -m due_ext data import``).
 

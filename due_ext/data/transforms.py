@@ -3,10 +3,10 @@
 All arrays are channel-first ``(C, X, Y, Z)`` (see :mod:`due_ext.data.axes`); annotated slices index Z, the
 last axis. Constructor arguments are JSON-friendly so that bundle configs can build every transform.
 
-Standard pipeline (:func:`load_transforms`)::
+Standard pipeline (:func:`load_transforms`, the chain of :mod:`due_ext.data.preprocessing`)::
 
-    LoadImaged -> EnsureTyped(float32) -> SparseAnnotationd -> FillMissingExplanationKeysd
-               [-> ResampleToSized] -> drop annotated_slices
+    LoadImaged -> EnsureTyped(float32) -> SparseAnnotationd [-> orientation, spacing, intensity]
+               -> FillMissingExplanationKeysd [-> ResampleToSized] -> drop annotated_slices
 
 After it every item holds the same keys and shapes, so positives and negatives collate into one batch; the
 annotated slices are carried by ``annotated_mask`` (``due_ext.data.axes.foreground_slices`` recovers them).
@@ -14,6 +14,7 @@ annotated slices are carried by ``annotated_mask`` (``due_ext.data.axes.foregrou
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import Compose, DeleteItemsd, EnsureTyped, LoadImaged, MapTransform, Resize
+from monai.transforms import Compose, InvertibleTransform, MapTransform, Resize
 
 from due_ext.data import schema
 from due_ext.data.axes import parse_size
@@ -170,13 +171,40 @@ class FillMissingExplanationKeysd(MapTransform):
         return d
 
 
+def nearest_slices(positions: Mapping[int, float], new_depth: int) -> dict[int, int]:
+    """Put source slices on the nearest slice of a new Z grid, one source per new slice.
+
+    The one rule for moving annotated slices to another grid (resizing: :func:`remap_slices`; orientation and
+    spacing: :class:`due_ext.data.preprocessing.PlaceSparseSlicesd`).
+
+    Args:
+        positions: ``{source index: its centre in the new grid's continuous Z index}`` (voxel centres at
+            integers).
+        new_depth: number of slices of the new grid; positions outside it go to the nearest end slice.
+
+    Returns:
+        ``{new index: source index}`` sorted by new index. When several sources land on one new slice, the one
+        nearest to its centre wins (ties: the lower source index).
+    """
+    if new_depth < 1:
+        raise ValueError(f"new depth must be positive, got {new_depth}")
+    chosen: dict[int, int] = {}
+    for source in sorted(positions):
+        position = float(positions[source])
+        target = min(new_depth - 1, max(0, math.floor(position + 0.5)))
+        if target not in chosen or abs(position - target) < abs(positions[chosen[target]] - target):
+            chosen[target] = source
+    return dict(sorted(chosen.items()))
+
+
 def remap_slices(slices: Sequence[int], depth: int, new_depth: int) -> dict[int, int]:
     """Map annotated Z indices of a ``depth``-slice grid to a ``new_depth``-slice grid.
 
     Each source slice goes to the new slice whose extent holds its centre (voxel centres at ``z + 0.5``,
-    field of view preserved, as in ``align_corners=False`` resizing). When several source slices land on
-    the same new slice (downsampling), the one whose centre is closest to the new slice's centre wins
-    (ties: the lower index), so the result is deduplicated.
+    field of view preserved, as in ``align_corners=False`` resizing), i.e. the nearest new slice
+    (:func:`nearest_slices`). When several source slices land on the same new slice (downsampling), the one
+    whose centre is closest to the new slice's centre wins (ties: the lower index), so the result is
+    deduplicated.
 
     Returns:
         ``{new_index: source_index}``, sorted by new index.
@@ -184,18 +212,15 @@ def remap_slices(slices: Sequence[int], depth: int, new_depth: int) -> dict[int,
     if depth < 1 or new_depth < 1:
         raise ValueError(f"depths must be positive, got {depth} -> {new_depth}")
     scale = new_depth / depth
-    chosen: dict[int, int] = {}
-    for source in sorted({int(s) for s in slices}):
+    positions: dict[int, float] = {}
+    for source in {int(s) for s in slices}:
         if not 0 <= source < depth:
             raise ValueError(f"annotated slice {source} outside [0, {depth})")
-        target = min(new_depth - 1, int((source + 0.5) * scale))
-        centre = (target + 0.5) / scale - 0.5  # the new slice's centre in source coordinates
-        if target not in chosen or abs(source - centre) < abs(chosen[target] - centre):
-            chosen[target] = source
-    return dict(sorted(chosen.items()))
+        positions[source] = (source + 0.5) * scale - 0.5  # its centre in the new grid's voxel index
+    return nearest_slices(positions, new_depth)
 
 
-class ResampleToSized(MapTransform):
+class ResampleToSized(MapTransform, InvertibleTransform):
     """Resize every volume key to ``size`` and remap ``annotated_slices`` to the new Z grid.
 
     Interpolation by kind: the image with ``image_mode`` (trilinear by default; ``"area"`` averages when
@@ -205,6 +230,9 @@ class ResampleToSized(MapTransform):
     slice is copied to its remapped Z index (:func:`remap_slices`), so annotation, ``annotated_mask`` and
     ``annotated_slices`` stay consistent. A tiny lesion may lose its foreground when shrunk in-plane.
     Without ``annotated_slices`` in the item, sparse keys are resized as masks.
+
+    Invertible (``Invertd``), so that a map computed on the resized grid goes back to the input's grid: the
+    inverse is MONAI ``Resize``'s, with the interpolation mode the key was resized with.
 
     Args:
         keys: volume keys to resize; each must be ``image_key`` or in ``mask_keys`` or ``soft_keys``.
@@ -277,16 +305,23 @@ class ResampleToSized(MapTransform):
             d[self.slices_key] = list(mapping)
         return d
 
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self._resizers[self._kind(key)].inverse(d[key])
+        return d
 
-def load_transforms(keys: Sequence[str], size: Sequence[int] | str | None = None,
-                    keep_slices: bool = False) -> Compose:
-    """The standard loading pipeline of DUE items.
+
+def load_transforms(keys: Sequence[str], size: Sequence[int] | str | None = None, keep_slices: bool = False,
+                    **profile: Any) -> Compose:
+    """The standard loading pipeline of DUE items: :func:`due_ext.data.preprocessing.preprocessing_transforms`.
 
     ``LoadImaged`` (channel first, missing keys allowed, MetaTensor out) -> ``EnsureTyped`` float32 volumes
-    and int64 ``label`` -> :class:`SparseAnnotationd` -> :class:`FillMissingExplanationKeysd` ->
-    :class:`ResampleToSized` when ``size`` is given -> drop the paths of volume keys not loaded and
-    ``annotated_slices`` (it has a different length per item and cannot collate; ``annotated_mask`` carries
-    it) unless ``keep_slices``.
+    and int64 ``label`` -> :class:`SparseAnnotationd` -> the profile's orientation, spacing and intensity
+    steps (``profile``: ``orientation``, ``spacing``, ``intensity``, ``size_mode``; all off by default) ->
+    :class:`FillMissingExplanationKeysd` -> :class:`ResampleToSized` when ``size`` is given -> drop the paths
+    of volume keys not loaded and ``annotated_slices`` (it has a different length per item and cannot
+    collate; ``annotated_mask`` carries it) unless ``keep_slices``.
 
     Args:
         keys: volume keys to load (``image`` first; e.g. ``["image", "annotation", "weights"]``).
@@ -294,34 +329,10 @@ def load_transforms(keys: Sequence[str], size: Sequence[int] | str | None = None
             collate).
         keep_slices: keep ``annotated_slices`` (for batch size 1 or custom collation).
     """
-    keys = list(keys)
-    if not keys or keys[0] != schema.IMAGE:
-        raise ValueError(f"load_transforms: keys must start with {schema.IMAGE!r}, got {keys}")
-    unknown = [k for k in keys if k not in schema.VOLUME_KEYS]
-    if unknown:
-        raise ValueError(f"load_transforms: {unknown} are not volume keys {schema.VOLUME_KEYS}")
-    fill_keys = keys[1:]
-    if schema.ANNOTATION in keys:
-        fill_keys.insert(fill_keys.index(schema.ANNOTATION) + 1, ANNOTATED_MASK)
-    transforms: list[Any] = [
-        LoadImaged(keys, ensure_channel_first=True, image_only=True, allow_missing_keys=True),
-        EnsureTyped(keys, dtype=torch.float32, allow_missing_keys=True),
-        EnsureTyped(schema.LABEL, dtype=torch.long, track_meta=False, allow_missing_keys=True),
-    ]
-    if schema.ANNOTATION in keys:
-        transforms.append(SparseAnnotationd())
-    if fill_keys:  # an image-only pipeline (inference) has nothing to fill
-        transforms.append(FillMissingExplanationKeysd(keys=fill_keys, reference_key=schema.IMAGE))
-    if size is not None:
-        transforms.append(ResampleToSized([keys[0], *fill_keys], size))
-    # Drop what cannot collate: file paths of volumes not loaded (present on some items only) and the
-    # per-item list of annotated slices.
-    # empty_slices is dropped always: annotated_mask carries it, and it is not remapped by ResampleToSized.
-    dropped = [k for k in schema.VOLUME_KEYS if k not in keys] + ([] if keep_slices else [schema.ANNOTATED_SLICES])
-    dropped.append(schema.EMPTY_SLICES)
-    if dropped:
-        transforms.append(DeleteItemsd(dropped))
-    return Compose(transforms)
+    # imported here: the chain module builds on the transforms of this one
+    from due_ext.data.preprocessing import preprocessing_transforms
+
+    return preprocessing_transforms(keys, size=size, keep_slices=keep_slices, **profile)
 
 
 __all__ = [
@@ -334,5 +345,6 @@ __all__ = [
     "SparseAnnotationd",
     "ValidateItemd",
     "load_transforms",
+    "nearest_slices",
     "remap_slices",
 ]
