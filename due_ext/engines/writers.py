@@ -30,10 +30,17 @@ class PredictionWriter:
 
     Writes ``<output_dir>/<stem>_gradcam.nii.gz`` for every input and ``<output_dir>/predictions.json`` =
     ``{stem: {"file": input path, "probabilities": {"no_lesion": p0, "lesion": p1}, "predicted": name}}``.
+
+    Args:
+        output_dir: folder of the outputs.
+        preprocessing: the chain that made the evaluator's images; given, each Grad-CAM is mapped back onto its
+            input file's own grid (shape and affine; :func:`due_ext.data.preprocessing.cams_on_input_grid`).
+            ``None``: written on the network's grid with the preprocessed image's affine.
     """
 
-    def __init__(self, output_dir: str | os.PathLike) -> None:
+    def __init__(self, output_dir: str | os.PathLike, preprocessing: Any = None) -> None:
         self.output_dir = Path(output_dir)
+        self.preprocessing = preprocessing
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -49,6 +56,11 @@ class PredictionWriter:
         meta = getattr(image, "meta", {}) or {}
         files = meta.get("filename_or_obj", [f"volume_{engine.state.iteration}_{i}" for i in range(len(probs))])
         affines = getattr(image, "affine", None)
+        if self.preprocessing is not None:
+            from due_ext.data.preprocessing import cams_on_input_grid
+
+            on_input = cams_on_input_grid(out["cam"], image, self.preprocessing)
+            cams, affines = [c.numpy() for c in on_input], torch.stack([c.affine for c in on_input])
         for i, path in enumerate(files):
             stem = _stem(path)
             affine = None if affines is None else torch.as_tensor(affines)[i].cpu().numpy()
