@@ -72,8 +72,9 @@ def test_nearest_slices_rounds_to_the_nearest_and_keeps_the_nearer_of_a_collisio
     assert nearest_slices({5: 9.2}, 4) == {3: 5}
     # 0.6 and 1.3 both land on 1: 1.3 is nearer (0.3 < 0.4); -0.7 clamps to 0 beside 0.1: 0.1 wins
     assert nearest_slices({2: 0.6, 3: 1.3, 7: -0.7, 8: 0.1}, 4) == {0: 8, 1: 3}
-    # a tie (0.5 away each side of slice 1): the lower source index wins
+    # halves go up (0.5 -> 1, 1.5 -> 2); a tie on one slice (0.75 and 1.25, both 0.25 from 1): the lower source
     assert nearest_slices({4: 0.5, 6: 1.5}, 3) == {1: 4, 2: 6}
+    assert nearest_slices({6: 1.25, 4: 0.75}, 3) == {1: 4}
 
 
 def test_upsampling_along_z_puts_each_annotated_slice_on_one_new_slice(tmp_path):
