@@ -1,5 +1,6 @@
 """ignite engines of DUE: the explanation-supervised trainer, the explanation evaluator and their metrics."""
 
+from due_ext.engines.cam_images import TensorBoardCamHandler
 from due_ext.engines.checkpoints import (
     BestModelSaver,
     EpochSeeder,
@@ -14,5 +15,5 @@ from due_ext.engines.trainer import ExplanationTrainer, NonFiniteLossError
 from due_ext.engines.writers import PredictionWriter
 
 __all__ = ["BestModelSaver", "ClassificationMetric", "EpochSeeder", "ExplanationEvaluator", "ExplanationMetric",
-           "ExplanationTrainer", "NonFiniteLossError", "PredictionWriter", "TrainingCheckpoint", "latest_checkpoint",
-           "load_network_weights", "save_state_dict"]
+           "ExplanationTrainer", "NonFiniteLossError", "PredictionWriter", "TensorBoardCamHandler",
+           "TrainingCheckpoint", "latest_checkpoint", "load_network_weights", "save_state_dict"]

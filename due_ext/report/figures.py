@@ -31,6 +31,25 @@ def lesion_slice(mask: np.ndarray) -> int:
     return int(np.argmax(per_slice)) if per_slice.any() else mask.shape[-1] // 2
 
 
+def cam_overlay(image: np.ndarray, cam: np.ndarray, mask: np.ndarray | None = None,
+                alpha: float = 0.45) -> np.ndarray:
+    """One axial slice as an RGB picture: the image in grey (min-max scaled), the Grad-CAM blended over it with the
+    jet colour map (``alpha`` its weight, CAM values in [0, 1]) and the mask's outline in white. Inputs ``(X, Y)``;
+    returns ``(Y, X, 3)`` uint8, X running left-right as in :func:`plot_gradcam_overlays`."""
+    from matplotlib import colormaps
+
+    image, cam = np.asarray(image, np.float64).T, np.clip(np.asarray(cam, np.float64).T, 0.0, 1.0)
+    span = image.max() - image.min()
+    grey = (image - image.min()) / span if span > 0 else np.zeros_like(image)
+    rgb = (1.0 - alpha) * grey[..., None] + alpha * colormaps["jet"](cam)[..., :3]
+    if mask is not None:
+        inside = np.asarray(mask).T > 0.5
+        padded = np.pad(inside, 1, mode="edge")
+        interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        rgb[inside & ~interior] = 1.0  # the mask voxels with a 4-neighbour outside it
+    return np.round(rgb * 255.0).astype(np.uint8)
+
+
 def plot_gradcam_overlays(images: np.ndarray, masks: np.ndarray, cams: np.ndarray, path: str | Path) -> Path:
     """For each positive: the image with its mask outlined, and the Grad-CAM heatmap over the image, on the
     axial slice where the lesion is largest. Inputs ``(N, X, Y, Z)``."""
