@@ -11,11 +11,14 @@ from __future__ import annotations
 import warnings
 from typing import Any, NamedTuple
 
+import ignite.distributed as idist
 import torch
+import torch.distributed as dist
 from ignite.engine import Events
 from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
+from torch.utils.data import DistributedSampler
 
 from due_ext.data import schema
 from due_ext.engines.batches import batch_item_names, batch_to_device, describe_items
@@ -68,6 +71,12 @@ class ExplanationEvaluator(SupervisedEvaluator):
     When a positive case has no full ``mask`` and its explanation is scored against the sparse annotation
     instead, the evaluator warns once (at the end of the first epoch where it happened), naming those cases.
 
+    Under ``torch.distributed`` with a sharded loader (a ``DistributedSampler``) every process evaluates its
+    shard of rank 0's model (its buffers, such as batch-norm running statistics, are broadcast first: DDP keeps
+    the parameters equal, not the statistics each process gathered from its own batches) and the metrics gather
+    all shards (:mod:`due_ext.engines.metrics`). A process with an empty shard stops with an error, as MONAI
+    would skip its run and leave the other processes waiting in the metrics' gather.
+
     Args:
         target_layer: Grad-CAM layer of the network.
         Every other argument is ``monai.engines.SupervisedEvaluator``'s.
@@ -81,6 +90,24 @@ class ExplanationEvaluator(SupervisedEvaluator):
         self._annotation_scored: list[str] = []
         self._fallback_warned = False
         self.add_event_handler(Events.EPOCH_COMPLETED, self._warn_annotation_fallback)
+        self.add_event_handler(Events.STARTED, self._evaluate_rank0_buffers)
+
+    def run(self, global_epoch: int = 1) -> None:  # type: ignore[override]
+        if self.state.epoch_length == 0 and idist.get_world_size() > 1:
+            raise ValueError(
+                f"process {idist.get_rank()} of {idist.get_world_size()} has no item to evaluate: the evaluation "
+                "set is sharded over the processes and needs at least one item per process")
+        super().run(global_epoch)
+
+    def _sharded(self) -> bool:
+        return idist.get_world_size() > 1 and isinstance(getattr(self.data_loader, "sampler", None),
+                                                         DistributedSampler)
+
+    @torch.no_grad()
+    def _evaluate_rank0_buffers(self, _engine: ExplanationEvaluator) -> None:
+        if self._sharded():
+            for buffer in self.network.buffers():
+                dist.broadcast(buffer, src=0)
 
     def _warn_annotation_fallback(self, _engine: ExplanationEvaluator) -> None:
         if self._annotation_scored and not self._fallback_warned:
