@@ -10,7 +10,14 @@ positives and 4 negatives, annotations on every 3rd slice), same optimizer, one 
   positive a batch-1 forward and backward for its Grad-CAM, the uncertainty predictor run block by block to
   recompute the weights in the loop (min-max of sigmoid(-var) per block), the loss on the stacked maps.
 
-Run: ``python benchmarks/bench_train_step.py [--steps 5] [--threads 2]``; prints a markdown table.
+- ours-bf16: ours under CPU bf16 autocast around forward and loss, backward and step outside, as the trainer runs
+  ``amp: "bf16"`` (:class:`~due_ext.engines.ExplanationTrainer`).
+
+Each variant trains its own copy of the same initial network; the variants' steps are interleaved (one step of
+each in turn), so load from other processes falls on all of them alike.
+
+Run: ``python benchmarks/bench_train_step.py [--steps 5] [--threads 2] [--variants original,ours,ours-bf16]``;
+prints a markdown table.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -25,6 +34,7 @@ import torch.nn.functional as F
 from monai.networks.nets import ResNet
 
 from due_ext.data.builders.sparse import sparse_slices, sparsify
+from due_ext.engines.trainer import autocast_dtype
 from due_ext.explain.cam import normalized_cam
 from due_ext.explain.supervision import ExplanationSupervision
 from due_ext.interp.blocks import split_blocks
@@ -70,9 +80,13 @@ def make_batch(predictor: torch.nn.Module, seed: int = 0, n_pos: int = 4, n_neg:
     return batch, slices
 
 
-def ours_step(network, optimizer, supervision, batch) -> None:
+def ours_step(network, optimizer, supervision, batch, amp: torch.dtype | None = None) -> None:
+    """One step as :class:`~due_ext.engines.ExplanationTrainer` takes it: autocast (when ``amp``) around forward
+    and loss only."""
     optimizer.zero_grad()
-    supervision(network, batch).loss.backward()
+    with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+        loss = supervision(network, batch).loss
+    loss.backward()
     optimizer.step()
 
 
@@ -120,39 +134,71 @@ def original_step(network, optimizer, predictor, batch, slices) -> None:
     optimizer.step()
 
 
-def _time(fn, steps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def time_interleaved(steps: dict[str, Callable[[], None]], repeat: int) -> dict[str, float]:
+    """Median seconds per call of each function after one warm-up call, the calls interleaved."""
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeat):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def bf16_loss_difference(supervision: ExplanationSupervision, batch: dict) -> float:
+    """Relative difference of the first step's loss under bf16 autocast against float32 (same weights)."""
+    network = demo_network()
+    with torch.no_grad():
+        reference = supervision(network, batch).loss.float()
+        with torch.autocast("cpu", dtype=autocast_dtype("bf16", "cpu")):
+            low = supervision(network, batch).loss.float()
+    return float((low - reference).abs() / reference.abs())
+
+
+VARIANTS = ("original", "ours", "ours-bf16")
+LABELS = {"original": "original per-sample port", "ours": "DUE batched + fused",
+          "ours-bf16": "DUE batched + fused, bf16 autocast"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--variants", default="original,ours", help="subset of " + ",".join(VARIANTS))
     args = parser.parse_args()
+    variants = args.variants.split(",")
+    if unknown := set(variants) - set(VARIANTS):
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {','.join(VARIANTS)}")
     torch.set_num_threads(args.threads)
     predictor = NeuralProcessUncertainty().eval()
     batch, slices = make_batch(predictor)
-    network = demo_network()
-    optimizer = torch.optim.Adam(network.parameters(), 1e-3)
     supervision = ExplanationSupervision("due")
-    ours = _time(lambda: ours_step(network, optimizer, supervision, batch), args.steps)
-    original = _time(lambda: original_step(network, optimizer, predictor, batch, slices), args.steps)
-    start = time.perf_counter()
-    predict_volume_variance(predictor, list(batch["annotation"][:4, 0].numpy()), slices)
-    per_volume = (time.perf_counter() - start) / 4
+    steps = {}
+    for variant in variants:  # each variant trains its own copy of the same initial network
+        network = demo_network()
+        optimizer = torch.optim.Adam(network.parameters(), 1e-3)
+        if variant == "original":
+            steps[variant] = partial(original_step, network, optimizer, predictor, batch, slices)
+        else:
+            amp = autocast_dtype("bf16" if variant == "ours-bf16" else False, "cpu")
+            steps[variant] = partial(ours_step, network, optimizer, supervision, batch, amp)
+    seconds = time_interleaved(steps, args.steps)
     n_blocks = sum(len(split_blocks(s)) for s in slices)
     print(f"batch 8 (4 annotated positives, {n_blocks} blocks), {SIZE[0]}x{SIZE[1]}x{SIZE[2]}, "
-          f"{args.threads} threads, median of {args.steps} steps")
-    print("| step | seconds | ratio |\n| --- | --- | --- |")
-    print(f"| original per-sample port | {original:.3f} | 1.0x |")
-    print(f"| DUE batched + fused | {ours:.3f} | {original / ours:.1f}x |")
-    print(f"\none-time weights precomputation in our pipeline: {per_volume * 1e3:.1f} ms per volume")
+          f"{args.threads} threads, median of {args.steps} interleaved steps")
+    baseline = "original" if "original" in seconds else variants[0]
+    print(f"| step | seconds | ratio to {LABELS[baseline]} |\n| --- | --- | --- |")
+    for variant, value in seconds.items():
+        print(f"| {LABELS[variant]} | {value:.3f} | {seconds[baseline] / value:.2f}x |")
+    if "ours-bf16" in seconds:
+        print(f"\nbf16 autocast: first-step loss {bf16_loss_difference(supervision, batch):.1e} relative to float32")
+    if "original" in seconds:
+        start = time.perf_counter()
+        predict_volume_variance(predictor, list(batch["annotation"][:4, 0].numpy()), slices)
+        per_volume = (time.perf_counter() - start) / 4
+        print(f"\none-time weights precomputation in our pipeline: {per_volume * 1e3:.1f} ms per volume")
 
 
 if __name__ == "__main__":
