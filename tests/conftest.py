@@ -6,7 +6,7 @@
 - positives (label 1): ``image``, ``annotation`` (lesion on the annotated slices only, zeros elsewhere),
   ``annotated_slices`` (every 2nd lesion slice, first and last always), ``mask`` (full 3D lesion),
   ``interpolation`` (the full mask, slightly softened), ``variance`` (0 on annotated slices, 0.1 elsewhere),
-  ``weights`` (1 on annotated slices, 0.5 elsewhere);
+  ``weights`` and ``diffusion_weights`` (1 on annotated slices, 0.5 elsewhere);
 - negatives (label 0): ``image`` only.
 
 Sections: training 2 positives + 2 negatives, validation 1 + 1, test 1 + 1. Affine: 1.25 x 1.25 x 2.5 mm.
@@ -78,7 +78,8 @@ def build_tiny_dataset(folder: Path, splits: dict[str, tuple[int, int]] = SPLITS
                     soft = np.where(on_slice, annotation, 0.9 * mask).astype(np.float32)
                     variance = np.broadcast_to(np.where(on_slice, 0.0, 0.1), size).astype(np.float32)
                     weights = np.broadcast_to(np.where(on_slice, 1.0, 0.5), size).astype(np.float32)
-                    for key, array in (("interpolation", soft), ("variance", variance), ("weights", weights)):
+                    for key, array in (("interpolation", soft), ("variance", variance), ("weights", weights),
+                                       ("diffusion_weights", weights)):
                         write_nifti(folder / f"{stem}_{key}.nii.gz", array, TINY_AFFINE)
                         item[key] = f"{stem}_{key}.nii.gz"
             write_nifti(folder / item["image"], image, TINY_AFFINE)

@@ -45,6 +45,8 @@ def tiny_batch(seed: int = 0) -> dict[str, torch.Tensor]:
         schema.INTERPOLATION: mask * 0.9,
         schema.WEIGHTS: torch.rand((4, 1, *SIZE), generator=g),
         "nearest_fill": mask.clone(),
+        "sdf_fill": mask.clone(),
+        schema.DIFFUSION_WEIGHTS: torch.rand((4, 1, *SIZE), generator=g),
         schema.MASK: mask,
         "has_annotation": torch.tensor([1.0, 1.0, 0.0, 0.0]),
     }

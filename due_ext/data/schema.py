@@ -11,6 +11,8 @@
 ``interpolation``    derived: soft mask in [0, 1] filled by an interpolator.
 ``variance``         derived: per-voxel variance of the interpolation.
 ``weights``          derived: per-voxel uncertainty weights in [0, 1] (1 on annotated slices).
+``diffusion_weights`` derived: the same mapping applied to the interpolator's own (diffusion) variance instead of
+                     the neural process's (the ``due_diffusion_variance`` ablation).
 ``mask``             full 3D ground-truth lesion mask where known (synthetic data); evaluation only.
 """
 
@@ -24,10 +26,11 @@ EMPTY_SLICES = "empty_slices"
 INTERPOLATION = "interpolation"
 VARIANCE = "variance"
 WEIGHTS = "weights"
+DIFFUSION_WEIGHTS = "diffusion_weights"
 #: Full 3D ground-truth lesion mask (synthetic data only). Read by evaluation metrics, never by training.
 MASK = "mask"
 
 #: Keys whose values are NIfTI file paths, in the order they are checked.
-VOLUME_KEYS = (IMAGE, ANNOTATION, MASK, INTERPOLATION, VARIANCE, WEIGHTS)
+VOLUME_KEYS = (IMAGE, ANNOTATION, MASK, INTERPOLATION, VARIANCE, WEIGHTS, DIFFUSION_WEIGHTS)
 #: Volume keys that must share the image's grid (shape and affine).
-GRID_KEYS = (ANNOTATION, MASK, INTERPOLATION, VARIANCE, WEIGHTS)
+GRID_KEYS = (ANNOTATION, MASK, INTERPOLATION, VARIANCE, WEIGHTS, DIFFUSION_WEIGHTS)

@@ -38,11 +38,11 @@ HAS_ANNOTATION = "has_annotation"
 DEFAULT_FILL_KEYS = (schema.ANNOTATION, ANNOTATED_MASK, schema.INTERPOLATION, schema.WEIGHTS, schema.MASK)
 #: Fill value per key when missing; keys not listed get 0. Missing weights mean "no uncertainty
 #: information", i.e. the unweighted loss (w = 1, the baseline_plus setting).
-DEFAULT_FILL_VALUES = {schema.WEIGHTS: 1.0}
+DEFAULT_FILL_VALUES = {schema.WEIGHTS: 1.0, schema.DIFFUSION_WEIGHTS: 1.0}
 #: Keys holding binary masks: resized with nearest-neighbour interpolation.
 DEFAULT_MASK_KEYS = (schema.ANNOTATION, ANNOTATED_MASK, schema.MASK)
 #: Keys holding soft maps: resized with trilinear interpolation.
-DEFAULT_SOFT_KEYS = (schema.INTERPOLATION, schema.WEIGHTS, schema.VARIANCE)
+DEFAULT_SOFT_KEYS = (schema.INTERPOLATION, schema.WEIGHTS, schema.DIFFUSION_WEIGHTS, schema.VARIANCE)
 #: Keys defined only on annotated slices: resampled slice by slice so they stay on the remapped slices.
 DEFAULT_SPARSE_KEYS = (schema.ANNOTATION, ANNOTATED_MASK)
 

@@ -51,7 +51,7 @@ AFFINE_ATOL = 1e-4
 #: Volumes whose values must be exactly 0 or 1.
 BINARY_KEYS = (schema.ANNOTATION, schema.MASK)
 #: Volumes whose values must lie in [0, 1].
-UNIT_RANGE_KEYS = (schema.INTERPOLATION, schema.WEIGHTS)
+UNIT_RANGE_KEYS = (schema.INTERPOLATION, schema.WEIGHTS, schema.DIFFUSION_WEIGHTS)
 #: Volumes whose values must be non-negative.
 NON_NEGATIVE_KEYS = (schema.VARIANCE,)
 

@@ -12,10 +12,17 @@ from monai.transforms import MapTransform
 from due_ext.data import schema
 from due_ext.data.axes import foreground_slices
 from due_ext.data.transforms import ANNOTATED_MASK
-from due_ext.interp.classical import interpolate_gaps
+from due_ext.interp.classical import CLASSICAL_METHODS, interpolate_gaps
 
 #: Key written by :class:`ClassicalFilld` with the default nearest-slice method (``baseline_plus``, ``rrr``).
 NEAREST_FILL = "nearest_fill"
+#: Key written by :class:`ClassicalFilld` with the signed-distance method (the ``sdf_fill`` ablation).
+SDF_FILL = "sdf_fill"
+
+
+def fill_key(method: str) -> str:
+    """The key :class:`ClassicalFilld` writes by default for ``method``: ``<method>_fill``."""
+    return f"{method}_fill"
 
 
 class ClassicalFilld(MapTransform):
@@ -27,14 +34,16 @@ class ClassicalFilld(MapTransform):
     Args:
         method: any of :data:`due_ext.interp.classical.CLASSICAL_METHODS` (``nearest``, ``linear``,
             ``linear_union``, ``sdf``, ``morphological``; see :mod:`due_ext.interp.classical`).
-        output_key: key to write.
+        output_key: key to write; default :func:`fill_key` of ``method`` (``nearest_fill``, ``sdf_fill``, ...).
     """
 
-    def __init__(self, method: str = "nearest", output_key: str = NEAREST_FILL,
+    def __init__(self, method: str = "nearest", output_key: str | None = None,
                  annotation_key: str = schema.ANNOTATION, annotated_mask_key: str = ANNOTATED_MASK) -> None:
+        if method not in CLASSICAL_METHODS:
+            raise ValueError(f"ClassicalFilld: method {method!r} is not one of {', '.join(CLASSICAL_METHODS)}")
         super().__init__([annotation_key, annotated_mask_key])
         self.method = method
-        self.output_key = output_key
+        self.output_key = fill_key(method) if output_key is None else output_key
         self.annotation_key = annotation_key
         self.annotated_mask_key = annotated_mask_key
 
