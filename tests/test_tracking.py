@@ -148,3 +148,27 @@ def test_cam_overlay_blends_the_cam_over_the_grey_image_and_outlines_the_mask():
     outside = cam_overlay(image, cam, None, alpha=0.4)
     np.testing.assert_array_equal(outside[1, 3], expected(3, 1, 1.0))
     assert math.isclose(float(jet(1.0)[0]), 0.5, abs_tol=0.01)  # the reference colour really is dark red
+
+
+def test_a_cam_of_a_chain_that_moves_nothing_is_already_on_the_input_grid(tmp_path):
+    # the demo profile (no spatial step): the CAM comes back as it is, with the scan's affine, and without MONAI's
+    # "no invertible transforms" warning on every test batch
+    import warnings
+
+    import torch
+    from monai.data import list_data_collate
+
+    from due_ext.data.nifti import write_nifti
+    from due_ext.data.preprocessing import cams_on_input_grid, preprocessing_transforms
+
+    affine = np.diag([0.7, 0.8, 5.0, 1.0])
+    affine[:3, 3] = [-10.0, 20.0, 30.0]
+    path = write_nifti(tmp_path / "scan.nii.gz", np.zeros((6, 5, 4), np.float32), affine)
+    chain = preprocessing_transforms(["image"], intensity={"ct": [-1000, 400]})
+    batch = list_data_collate([chain({"image": str(path)})])
+    cam = torch.rand(1, 6, 5, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (on_input,) = cams_on_input_grid(cam, batch["image"], chain)
+    torch.testing.assert_close(on_input.as_tensor(), cam[0])
+    np.testing.assert_allclose(on_input.affine.numpy(), affine, atol=1e-6)

@@ -50,6 +50,7 @@ from monai.transforms import (
     DeleteItemsd,
     EnsureTyped,
     Invertd,
+    InvertibleTransform,
     LoadImaged,
     MapTransform,
     Orientationd,
@@ -289,8 +290,12 @@ def cams_on_input_grid(cam: torch.Tensor, image: MetaTensor, transform: Compose,
     if not isinstance(image, MetaTensor):
         raise ValueError("cams_on_input_grid: the image must be the preprocessed MetaTensor batch (its applied "
                          "operations say how to go back to the input grid)")
-    inverter = Invertd("cam", transform=transform, orig_keys=image_key, nearest_interp=False)
     items = decollate_batch(image.detach().cpu())
+    if not any(isinstance(t, InvertibleTransform) for t in transform.flatten().transforms):
+        # nothing moved the image off its input grid (and MONAI would warn on every batch that there is nothing
+        # to invert): the CAM is already on it
+        return [MetaTensor(c, affine=item.affine) for item, c in zip(items, cam.detach().float().cpu(), strict=True)]
+    inverter = Invertd("cam", transform=transform, orig_keys=image_key, nearest_interp=False)
     out = []
     for item, item_cam in zip(items, cam.detach().float().cpu(), strict=True):
         # a MetaTensor: Invertd looks for the plain-tensor trace key otherwise
