@@ -19,6 +19,7 @@ overwrite files) and returns the path of the copy's datalist.
 from __future__ import annotations
 
 import json
+import locale
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -144,3 +145,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def locale_unchanged(request):
+    """Fail the test that changes the process's C locale (SimpleITK's DICOM writer did): afterwards every
+    ``subprocess.run(text=True)`` of the session decoded UTF-8 output as ASCII, and 46 unrelated tests failed."""
+    before = locale.setlocale(locale.LC_ALL)
+    yield
+    after = locale.setlocale(locale.LC_ALL)
+    if after != before:
+        locale.setlocale(locale.LC_ALL, before)
+        pytest.fail(f"{request.node.nodeid} changed the process locale from {before!r} to {after!r}")

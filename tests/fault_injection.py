@@ -137,7 +137,7 @@ def run_until(args: Sequence[str], env: dict[str, str], kill: KillPoint | None, 
     """Run ``args``; with ``kill``, SIGKILL its process group once the kill point fires. Returns whether it was
     killed (``False``: it ran to the end first). A run that fails by itself raises with its output's tail."""
     process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+                               encoding="utf-8", errors="replace", start_new_session=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
     seen, deadline, output = 0, time.monotonic() + timeout, []

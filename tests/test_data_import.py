@@ -4,6 +4,7 @@ kind of bad input rejected with the file named and nothing written."""
 from __future__ import annotations
 
 import json
+import locale
 import re
 import sys
 from pathlib import Path
@@ -65,7 +66,19 @@ def _write_seg_nrrd(path: Path, array: np.ndarray, segments: list[tuple[str, int
 
 
 def _write_dicom_series(folder: Path, array: np.ndarray, affine: np.ndarray) -> None:
-    """One file per axial slice, geometry in the standard tags (SimpleITK's DICOM-series-from-array recipe)."""
+    """One file per axial slice, geometry in the standard tags (SimpleITK's DICOM-series-from-array recipe).
+
+    SimpleITK's DICOM writer (GDCM) switches the process's C locale to "C" and leaves it there: every later
+    ``subprocess.run(text=True)`` of the test session would then decode UTF-8 output as ASCII and fail. The
+    writer is only a fixture here (DUE reads DICOM, it never writes it), so the locale is restored around it."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_dicom_slices(folder, array, affine)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_slices(folder: Path, array: np.ndarray, affine: np.ndarray) -> None:
     folder.mkdir(parents=True)
     volume = _to_sitk(array, affine)
     direction = volume.GetDirection()
