@@ -265,9 +265,18 @@ def sweep(n_kills: int, seed: int, work: Path, scenario: Scenario = Scenario()) 
         trials.append(run_trial(scenario, reference, [kill], work / f"placed{i}", rng))
     injected = 0
     index = 0
+    phases = list(KILL_POINTS)  # in the order a run reaches them
+    rotation: list[str] = []
     while injected < n_kills:
-        # one to three kills per trial, each at a random point (a rerun may die again, as on a flaky cluster)
-        kills = [KILL_POINTS[rng.choice(sorted(KILL_POINTS))] for _ in range(rng.randint(1, 3))]
+        # One to three kills per trial (a rerun may die again, as on a flaky cluster), phases drawn in shuffled
+        # rounds so that every phase gets its share, and sorted in run order so that each can still be reached
+        # by the rerun (a run killed in its test evaluation has no epoch left to be killed in).
+        picked = []
+        for _ in range(rng.randint(1, 3)):
+            if not rotation:
+                rotation = rng.sample(phases, len(phases))
+            picked.append(rotation.pop())
+        kills = [KILL_POINTS[phase] for phase in sorted(picked, key=phases.index)]
         trial = run_trial(scenario, reference, kills, work / f"random{index}", rng)
         trials.append(trial)
         injected += len(trial.kills)
