@@ -18,7 +18,7 @@ class DataCommands:
 
     def build(self, name: str, out: str, n_pos: int | None = None, n_neg: int | None = None,
               size: str | None = None, every_k: int | None = None, seed: int = 0,
-              preview: bool = False) -> None:
+              preview: bool = False, val_fraction: float | None = None) -> None:
         """Build a dataset of NIfTI volumes and a Decathlon-style datalist.json in OUT.
 
         Args:
@@ -32,11 +32,12 @@ class DataCommands:
                 lesion slice always kept).
             seed: random seed; the same seed gives the same dataset.
             preview: also write preview.png (positives and negatives, annotated slices outlined).
+            val_fraction: share of each class in validation, taken from training ("bounded" only; 0.25).
         """
         from due_ext.data.builders import build_dataset
 
         summary = build_dataset(name, out, n_pos=n_pos, n_neg=n_neg, size=size, every_k=every_k,
-                                seed=seed, preview=preview)
+                                seed=seed, preview=preview, val_fraction=val_fraction)
         print(summary)
 
     def check(self, datalist: str, dataset_dir: str | None = None) -> None:

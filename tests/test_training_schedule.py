@@ -211,3 +211,25 @@ def test_each_method_gets_its_classical_fill():
     assert ClassicalFilld().output_key == NEAREST_FILL
     with pytest.raises(ValueError, match="ClassicalFilld: method 'spline'"):
         ClassicalFilld("spline")
+
+
+def test_validation_share_moves_items_from_training_only():
+    from due_ext.data.builders import build_dataset
+    from due_ext.data.builders.splits import split_counts
+
+    # the bounded profile's 64 per class: 24 validation instead of 16, the 16 test items untouched
+    assert split_counts(64, val_fraction=0.375) == {"training": 24, "validation": 24, "test": 16}
+    assert split_counts(64) == {"training": 32, "validation": 16, "test": 16}
+    with pytest.raises(ValueError, match="val_fraction 0.8 leaves no training positives of 8"):
+        split_counts(8, "positives", val_fraction=0.8)
+    with pytest.raises(ValueError, match="bounded builder only, not of 'phantom'"):
+        build_dataset("phantom", "unused", val_fraction=0.3)
+
+
+def test_bounded_profile_sets_the_training_keys():
+    import json
+
+    profile = json.loads((REPO / "bundles" / "due" / "bounded.json").read_text())
+    assert profile["lr_schedule"] == "cosine" and profile["best_ties"] == "last"
+    assert training_augmentation("due", profile["augmentation"])  # every key known
+    assert "val_fraction=@val_fraction" in profile["dataset_dir"]

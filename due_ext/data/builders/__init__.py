@@ -35,7 +35,7 @@ def builder_module(name: str) -> ModuleType:
 
 def build_dataset(name: str, out: str | os.PathLike, n_pos: int | None = None, n_neg: int | None = None,
                   size: str | tuple[int, int, int] | None = None, every_k: int | None = None, seed: int = 0,
-                  preview: bool = False) -> BuildSummary:
+                  preview: bool = False, val_fraction: float | None = None) -> BuildSummary:
     """Build dataset ``name`` into ``out``; ``None`` arguments take the builder's defaults.
 
     Args:
@@ -46,6 +46,7 @@ def build_dataset(name: str, out: str | os.PathLike, n_pos: int | None = None, n
         every_k: keep every k-th lesion slice as annotated (``bounded``: every k-th acquired slice).
         seed: the same seed gives identical arrays.
         preview: also write ``preview.png`` next to the datalist.
+        val_fraction: share of each class in validation, taken from training (``bounded`` only; default 0.25).
 
     Returns:
         A :class:`~due_ext.data.builders.output.BuildSummary`; ``str()`` of it is a readable description.
@@ -55,6 +56,11 @@ def build_dataset(name: str, out: str | os.PathLike, n_pos: int | None = None, n
     for label, value in (("n_pos", n_pos), ("n_neg", n_neg), ("every_k", every_k)):
         if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
             raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    extra = {}
+    if val_fraction is not None:
+        if name != "bounded":
+            raise ValueError(f"val_fraction is an option of the bounded builder only, not of {name!r}")
+        extra["val_fraction"] = float(val_fraction)
     summary = builder(
         out,
         n_pos=module.DEFAULT_N_POS if n_pos is None else int(n_pos),
@@ -62,6 +68,7 @@ def build_dataset(name: str, out: str | os.PathLike, n_pos: int | None = None, n
         size=module.DEFAULT_SIZE if size is None else parse_size(size),
         every_k=module.DEFAULT_EVERY_K if every_k is None else int(every_k),
         seed=int(seed),
+        **extra,
     )
     if preview:
         from due_ext.data.builders.preview import write_preview

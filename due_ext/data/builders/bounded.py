@@ -268,12 +268,13 @@ def _item_extra(ct: ChestCT, start: np.ndarray, extent: np.ndarray) -> dict:
 
 def build_bounded(out: str | os.PathLike, n_pos: int = DEFAULT_N_POS, n_neg: int = DEFAULT_N_NEG,
                   size: tuple[int, int, int] = DEFAULT_SIZE, every_k: int = DEFAULT_EVERY_K,
-                  seed: int = 0) -> BuildSummary:
-    """Build the lesion-bounded dataset into ``out`` (see the module docstring); downloads the CTs on first use."""
+                  seed: int = 0, val_fraction: float = 0.25) -> BuildSummary:
+    """Build the lesion-bounded dataset into ``out`` (see the module docstring); downloads the CTs on first use.
+    ``val_fraction``: share of each class in validation (taken from training; the test share stays 25 %)."""
     started = time.perf_counter()
     size = tuple(int(s) for s in size)
-    pos_counts = split_counts(n_pos, "positives")
-    neg_counts = split_counts(n_neg, "negatives")
+    pos_counts = split_counts(n_pos, "positives", val_fraction)
+    neg_counts = split_counts(n_neg, "negatives", val_fraction)
     cts = {name: load_chest_ct(name) for name in SUBJECTS}
     acquired = {name: acquired_slice_spacing(name) for name in SUBJECTS}
     regions, notes = _regions(cts)
@@ -321,6 +322,7 @@ def build_bounded(out: str | os.PathLike, n_pos: int = DEFAULT_N_POS, n_neg: int
                   f"section '{REAL_TUMOURS}' holds the two real tumours (pyradiomics labels): a sanity set, "
                   "never trained on"]
         parameters = {"n_pos": n_pos, "n_neg": n_neg, "size": list(size), "every_k": every_k, "seed": seed,
+                      "val_fraction": val_fraction,
                       "source_spacing_mm": list(SPACING), "acquired_slice_mm": acquired,
                       "hu_window": list(HU_WINDOW), "lesion_diameter_mm": list(LESION_DIAMETER_MM),
                       "lesion_hu": list(NODULE_HU), "margin": list(MARGIN), "jitter": JITTER,
