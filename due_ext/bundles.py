@@ -253,19 +253,20 @@ def lr_scheduler(optimizer: Any, schedule: str = "constant", max_epochs: int = 1
 
     ``warmup_epochs`` epochs rise linearly from ``warmup_start`` times the optimizer's rate to the full rate
     (``LinearLR``), then ``schedule``: ``"constant"`` keeps it, ``"cosine"`` decays it to 0 over the remaining
-    epochs (``CosineAnnealingLR``). The scheduler has a state dict: the training checkpoint holds it, so a
+    epochs (``CosineAnnealingLR``). A run shorter than its warm-up (a one-epoch smoke test of a profile) trains at
+    the warm-up's rates. The scheduler has a state dict: the training checkpoint holds it, so a
     resumed run continues the schedule where it stopped.
     """
     from torch.optim import lr_scheduler as schedulers
 
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
-    if not 0 <= warmup_epochs < max_epochs:
-        raise ValueError(f"warmup_epochs must lie in [0, max_epochs = {max_epochs}), got {warmup_epochs}")
+    if warmup_epochs < 0 or max_epochs < 1:
+        raise ValueError(f"warmup_epochs must be >= 0 and max_epochs >= 1, got {warmup_epochs} and {max_epochs}")
     if not 0.0 < warmup_start <= 1.0:
         raise ValueError(f"warmup_start must lie in (0, 1], got {warmup_start}")
     if schedule == "cosine":
-        main = schedulers.CosineAnnealingLR(optimizer, T_max=max_epochs - warmup_epochs)
+        main = schedulers.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs - warmup_epochs))
     else:
         main = schedulers.ConstantLR(optimizer, factor=1.0, total_iters=0)
     if warmup_epochs == 0:

@@ -49,14 +49,20 @@ def test_constant_schedule_without_warmup_is_the_plain_optimizer():
     assert _rates("constant", 5, 0) == [1e-3] * 5
 
 
+def test_a_run_shorter_than_its_warmup_trains_at_warmup_rates():
+    # a one-epoch smoke test of a profile with a 2-epoch warm-up: 0.1 x the rate, no error
+    assert _rates("cosine", 1, 2) == pytest.approx([1e-4], rel=1e-12)
+    assert _rates("cosine", 2, 2) == pytest.approx([1e-4, 0.55e-3], rel=1e-12)
+
+
 def test_constant_after_warmup_stays_at_the_full_rate():
     assert _rates("constant", 5, 1) == pytest.approx([1e-4, 1e-3, 1e-3, 1e-3, 1e-3], rel=1e-12)
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"schedule": "step"}, "lr_schedule must be one of"),
-    ({"warmup_epochs": 5}, r"warmup_epochs must lie in \[0, max_epochs = 5\)"),
-    ({"warmup_epochs": -1}, "warmup_epochs must lie in"),
+    ({"warmup_epochs": -1}, "warmup_epochs must be >= 0 and max_epochs >= 1, got -1 and 5"),
+    ({"max_epochs": 0}, "max_epochs >= 1"),
     ({"warmup_epochs": 1, "warmup_start": 0.0}, "warmup_start must lie in"),
 ])
 def test_bad_schedule_settings_are_named(kwargs, message):
