@@ -69,7 +69,8 @@ def tiny_interpolator(tmp_path_factory) -> Path:
     from due_ext.interp.diffusion.model import SliceInterpolationUNet
 
     torch.manual_seed(0)
-    net = SliceInterpolationUNet(channels=(8, 16), norm_num_groups=4, num_head_channels=8, crop_size=8)
+    net = SliceInterpolationUNet(channels=(8, 16), norm_num_groups=4, num_head_channels=8, crop_size=8,
+                                 prior_channels=2)  # as the uncertainty bundle's interpolator_def
     path = tmp_path_factory.mktemp("interpolator") / "model.pt"
     torch.save(net.state_dict(), path)
     return path

@@ -33,10 +33,17 @@ def tiny_phantom(tmp_path_factory) -> str:
     return str(build_dataset("phantom", out, n_pos=3, n_neg=3, size="16,16,12", every_k=2, seed=0).datalist)
 
 
+@pytest.fixture(scope="module")
+def tiny_phantom_every_slice(tmp_path_factory) -> str:
+    """Every slice drawn: the tiny lesions span 3 slices, so fine-tuning has one drawn slice to hide."""
+    out = tmp_path_factory.mktemp("phantom_dense")
+    return str(build_dataset("phantom", out, n_pos=3, n_neg=3, size="16,16,12", every_k=1, seed=0).datalist)
+
+
 def test_bundle_tiny_train_then_inference(tiny_phantom, tmp_path):
     root = tmp_path / "bundle"
     run(config_file=str(BUNDLE / "train.json"), datalist=tiny_phantom, bundle_root=str(root), max_epochs=2,
-        samples_per_epoch=8, val_samples=4, batch_size=4, **TINY)
+        samples_per_epoch=8, val_samples=4, batch_size=4, n_shapes=2, **TINY)
     weights = root / "models" / "model.pt"
     assert weights.is_file()
     state = torch.load(weights, weights_only=True)
@@ -59,6 +66,32 @@ def test_bundle_tiny_train_then_inference(tiny_phantom, tmp_path):
         for z in item["annotated_slices"]:
             assert np.array_equal(mean[..., z], annotation[..., z]) and not variance[..., z].any()
         assert Path(item["image"]).is_absolute() and Path(item["image"]).is_file()
+
+
+def test_finetune_on_sparse_annotations_starts_from_the_pretrained_weights(tiny_phantom_every_slice, tmp_path):
+    """train.json + finetune.json through monai.bundle: reads the pretrained weights, trains on the drawn slices
+    of the annotations only, writes model_finetuned.pt and leaves model.pt alone."""
+    root = tmp_path / "bundle"
+    run(config_file=str(BUNDLE / "train.json"), datalist=tiny_phantom_every_slice, bundle_root=str(root), max_epochs=1,
+        samples_per_epoch=4, val_samples=4, batch_size=4, n_shapes=0, **TINY)
+    pretrained = torch.load(root / "models" / "model.pt", weights_only=True)
+    configs = [str(BUNDLE / "train.json"), str(BUNDLE / "finetune.json")]
+    tuned_path = root / "models" / "model_finetuned.pt"
+    # learning rate 0: the EMA weights saved are the pretrained ones (loaded, not re-initialised), up to the EMA
+    # update's rounding: (1 - m) p + m p is p within a few float32 ulps (rtol 1e-6 = 8 ulps) after one iteration
+    run(config_file=configs, datalist=tiny_phantom_every_slice, bundle_root=str(root), max_epochs=1,
+        samples_per_epoch=4, val_samples=4, batch_size=4, learning_rate=0.0, **TINY)
+    frozen = torch.load(tuned_path, weights_only=True)
+    assert frozen.keys() == pretrained.keys()
+    for k in pretrained:
+        torch.testing.assert_close(frozen[k], pretrained[k], rtol=1e-6, atol=0)
+    run(config_file=configs, datalist=tiny_phantom_every_slice, bundle_root=str(root), max_epochs=2,
+        samples_per_epoch=8, val_samples=4, batch_size=4, learning_rate=0.01, **TINY)
+    tuned = torch.load(tuned_path, weights_only=True)
+    assert any(not torch.equal(tuned[k], pretrained[k]) for k in pretrained)
+    again = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert all(torch.equal(again[k], pretrained[k]) for k in pretrained)  # the pretrained file is untouched
+    assert (root / "logs_finetune").is_dir()
 
 
 def test_inference_fails_loudly_without_weights(tiny_phantom, tmp_path):

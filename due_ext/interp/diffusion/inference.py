@@ -4,8 +4,11 @@ Volume level: :func:`interpolate_volumes` splits every sparse annotation into bl
 (:func:`due_ext.interp.blocks.split_blocks`), crops each block around its foreground
 (:mod:`.crops`), fills all gaps of all volumes in one batched run (:func:`.sampling.sample_gaps`), and pastes
 the results back: ``interpolation`` = mean over the ``T`` repeats (soft mask in [0, 1]) and ``variance`` =
-their per-voxel population variance. Annotated slices are copied (variance 0); slices outside the annotated
-range and blocks whose two annotated slices are both empty stay 0.
+their per-voxel population variance. For a network with prior channels and a window larger than the crop, the
+mean is the network's change to the ``sdf`` fill applied at full resolution
+(:func:`.prior.refine_at_full_resolution`), so the resampling does not blur what the annotator drew. Annotated
+slices are copied (variance 0); slices outside the annotated range and blocks whose two annotated slices are
+both empty stay 0.
 
 Datalist level: :class:`DiffusionInterpolation` reads a datalist, writes ``interpolation`` and ``variance``
 NIfTI files per annotated item, and an updated datalist next to them.
@@ -30,6 +33,12 @@ from due_ext.data.shards import DEFAULT_UNIT_SIZE, barrier, current_shard, deriv
 from due_ext.interp.blocks import split_blocks
 from due_ext.interp.diffusion.crops import crop_window, extract_crop, paste_crop
 from due_ext.interp.diffusion.model import SliceInterpolationUNet, noise_schedule
+from due_ext.interp.diffusion.prior import (
+    FULL_RESOLUTION_BASE,
+    PRIOR_METHODS,
+    block_fills,
+    refine_at_full_resolution,
+)
 from due_ext.interp.diffusion.sampling import GapJob, SamplerSettings, sample_gaps
 
 logger = logging.getLogger("due_ext.interp")
@@ -94,11 +103,18 @@ def interpolate_volumes(model: nn.Module, annotations: Sequence[np.ndarray], ann
             placements.append((v, block, window))
         results.append((mean, variance))
     samples = sample_gaps(model, alphas_cumprod, jobs, settings, device=device, progress=progress)
-    for (v, block, window), sample in zip(placements, samples, strict=True):
+    refine = bool(getattr(model, "prior_channels", 0))
+    for job, (v, block, window), sample in zip(jobs, placements, samples, strict=True):
         mean, variance = results[v]
         shape = mean.shape[:2]
         block_mean = paste_crop(sample.mean(dim=0), window, shape)  # (gap, X, Y)
         block_var = paste_crop(sample.var(dim=0, unbiased=False), window, shape)
+        if refine and window.side != crop_size:
+            annotation = (np.asarray(annotations[v]) > 0.5)
+            base_full = block_fills(annotation[..., block.start], annotation[..., block.stop], block.gap,
+                                    FULL_RESOLUTION_BASE)
+            base_coarse = paste_crop(block_fills(job.lower, job.upper, block.gap, FULL_RESOLUTION_BASE), window, shape)
+            block_mean = refine_at_full_resolution(block_mean, base_coarse, base_full)
         for i, z in enumerate(block.missing):
             mean[..., z] = np.clip(block_mean[i], 0.0, 1.0)
             variance[..., z] = np.clip(block_var[i], 0.0, None)
@@ -169,5 +185,6 @@ class DiffusionInterpolation:
 
 
 def default_network() -> SliceInterpolationUNet:
-    """The shipped architecture (same arguments as ``network_def`` in the bundle's configs)."""
-    return SliceInterpolationUNet()
+    """The shipped architecture (same arguments as ``network_def`` in the bundle's configs): since bundle version
+    0.3.0 with the classical prior channels (checkpoints of 0.2.x need ``SliceInterpolationUNet()``)."""
+    return SliceInterpolationUNet(prior_channels=len(PRIOR_METHODS))

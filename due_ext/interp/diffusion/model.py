@@ -17,6 +17,11 @@ about 1e-3 at the noise levels (``t`` > 930 of 1000) where a 24x24 binary mask i
 are all the network has, and an epsilon model trained on the uniform-``t`` loss learned to ignore them (it drew
 an object of 38 voxels where the truth had 11, next to an empty annotated slice; measured on validation triples).
 The ``v`` loss weighs the clean-slice error by ``1 + SNR`` >= 1 at every noise level.
+
+Classical prior (optional, ``prior_channels > 0``): extra input channels holding classical fills of the target
+slice from the block's two annotated slices (:mod:`.prior`), in ``[-1, 1]`` like the other channels. The
+heuristic is then the network's starting point and the network learns the correction; ``prior_channels = 0`` is
+the original three-channel network (the older checkpoints).
 """
 
 from __future__ import annotations
@@ -69,17 +74,23 @@ class SliceInterpolationUNet(nn.Module):
             as long as the size is divisible by ``2 ** (len(channels) - 1)``).
         prediction_type: ``"v_prediction"`` or ``"epsilon"``: what :meth:`forward` returns (see the module
             docstring); it must match the weights, which were trained for one of them.
+        prior_channels: number of classical-fill channels (:func:`.prior.classical_prior`); 0 for none. Part
+            of the architecture: it must match the weights.
 
-    Call ``model(x_t, timesteps, prev, next, position, span)`` with ``x_t``, ``prev``, ``next`` of shape
+    Call ``model(x_t, timesteps, prev, next, position, span, prior)`` with ``x_t``, ``prev``, ``next`` of shape
     ``(B, 1, H, W)`` in ``[-1, 1]`` (conditions already multiplied by their masks), ``timesteps`` ``(B,)``
-    integers, ``position`` and ``span`` ``(B,)`` floats; returns the prediction ``(B, 1, H, W)`` (``v`` or the
-    noise, per ``prediction_type``).
+    integers, ``position`` and ``span`` ``(B,)`` floats, and ``prior`` ``(B, prior_channels, H, W)`` (only when
+    ``prior_channels > 0``); returns the prediction ``(B, 1, H, W)`` (``v`` or the noise, per
+    ``prediction_type``).
     """
 
     def __init__(self, channels: Sequence[int] = (16, 32, 64), num_res_blocks: int = 1, norm_num_groups: int = 8,
                  num_head_channels: int = 16, crop_size: int = DEFAULT_CROP_SIZE,
-                 prediction_type: str = DEFAULT_PREDICTION_TYPE) -> None:
+                 prediction_type: str = DEFAULT_PREDICTION_TYPE, prior_channels: int = 0) -> None:
         super().__init__()
+        if prior_channels < 0:
+            raise ValueError(f"prior_channels must be >= 0, got {prior_channels}")
+        self.prior_channels = int(prior_channels)
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         self.prediction_type = prediction_type
@@ -89,7 +100,7 @@ class SliceInterpolationUNet(nn.Module):
                              f"{len(channels)} levels")
         self.crop_size = int(crop_size)
         self.unet = DiffusionModelUNet(
-            spatial_dims=2, in_channels=3, out_channels=1, channels=channels,
+            spatial_dims=2, in_channels=3 + self.prior_channels, out_channels=1, channels=channels,
             attention_levels=(False,) * len(channels), num_res_blocks=num_res_blocks,
             norm_num_groups=norm_num_groups, num_head_channels=num_head_channels, num_class_embeds=1)
         # MONAI adds class_embedding(class_labels) to the timestep embedding; our continuous gap embedding
@@ -97,7 +108,7 @@ class SliceInterpolationUNet(nn.Module):
         self.unet.class_embedding = GapEmbedding(self.unet.time_embed[-1].out_features)
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, prev: torch.Tensor, next: torch.Tensor,
-                position: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+                position: torch.Tensor, span: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         if not (x_t.shape == prev.shape == next.shape) or x_t.dim() != 4 or x_t.shape[1] != 1:
             raise ValueError(f"x_t, prev and next must all be (B, 1, H, W); got {tuple(x_t.shape)}, "
                              f"{tuple(prev.shape)}, {tuple(next.shape)}")
@@ -105,8 +116,17 @@ class SliceInterpolationUNet(nn.Module):
         if position.shape != (batch,) or span.shape != (batch,) or timesteps.shape != (batch,):
             raise ValueError(f"timesteps, position and span must be ({batch},); got {tuple(timesteps.shape)}, "
                              f"{tuple(position.shape)}, {tuple(span.shape)}")
+        inputs = [x_t, prev, next]
+        if self.prior_channels:
+            if prior is None or prior.shape != (batch, self.prior_channels, *x_t.shape[2:]):
+                raise ValueError(f"prior must be ({batch}, {self.prior_channels}, {x_t.shape[2]}, {x_t.shape[3]}) for "
+                                 f"a network with {self.prior_channels} prior channels; got "
+                                 f"{None if prior is None else tuple(prior.shape)}")
+            inputs.append(prior.to(x_t.dtype))
+        elif prior is not None:
+            raise ValueError("this network has no prior channels (prior_channels=0) but a prior was given")
         gap = torch.stack([position.float(), span.float()], dim=-1)
-        return self.unet(torch.cat([x_t, prev, next], dim=1), timesteps, class_labels=gap)
+        return self.unet(torch.cat(inputs, dim=1), timesteps, class_labels=gap)
 
 
 def prediction_target(x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor | float,

@@ -4,9 +4,11 @@ A *job* is one block's crops: the lower and upper annotated slices and the numbe
 Each job is sampled ``repeats`` times (a *chain* is one job x one repeat). Filling is autoregressive: in round
 ``r`` every chain with ``gap > r`` draws its slice ``r + 1``, conditioned on its previous slice (the lower
 annotated slice in round 0, afterwards the chain's own previous sample, binarised) and the upper annotated
-slice, with ``position = 1 / span`` and ``span = gap + 1 - r``. Within a round, *all* active chains of all
-jobs advance together through the denoising steps: one model batch per step (split into chunks of at most
-``max_batch`` crops to bound memory) and one fused :func:`due_ext.ops.ddim_step` for the whole batch.
+slice, with ``position = 1 / span`` and ``span = gap + 1 - r``. A network with prior channels
+(``prior_channels > 0``) also gets the classical fills of slice ``r + 1`` from the block's two annotated slices
+(:func:`.prior.classical_prior`). Within a round, *all* active chains of all jobs advance together through the
+denoising steps: one model batch per step (split into chunks of at most ``max_batch`` crops to bound memory)
+and one fused :func:`due_ext.ops.ddim_step` for the whole batch.
 
 Solver: DDIM (Song et al. 2021) on ``steps`` "trailing" timesteps (the first step starts at ``T - 1``, pure
 noise; the last lands on ``alpha = 1``), ``eta`` in [0, 1] (``eta = 1`` with many steps is the DDPM-like
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from due_ext.interp.diffusion.model import epsilon_from_output
+from due_ext.interp.diffusion.prior import PRIOR_METHODS, classical_prior
 from due_ext.ops import ddim_step
 
 
@@ -97,9 +100,10 @@ def _autocast(enabled: bool, device: torch.device):
 @torch.no_grad()
 def denoise(model: nn.Module, alphas_cumprod: torch.Tensor, prev: torch.Tensor, next: torch.Tensor,
             position: torch.Tensor, span: torch.Tensor, generators: Sequence[torch.Generator],
-            settings: SamplerSettings) -> torch.Tensor:
+            settings: SamplerSettings, prior: torch.Tensor | None = None) -> torch.Tensor:
     """Sample one slice per chain: ``(B, 1, H, W)`` in ``[-1, 1]`` from conditions ``prev``, ``next`` (same
-    shape, in ``[-1, 1]``) and per-chain ``position``, ``span`` ``(B,)``; one generator per chain."""
+    shape, in ``[-1, 1]``) and per-chain ``position``, ``span`` ``(B,)``; one generator per chain. ``prior``
+    ``(B, C, H, W)`` goes to networks with prior channels (``None`` for the others)."""
     device = prev.device
     prediction_type = getattr(model, "prediction_type", "epsilon")
     timesteps = ddim_timesteps(len(alphas_cumprod), settings.steps)
@@ -113,8 +117,9 @@ def denoise(model: nn.Module, alphas_cumprod: torch.Tensor, prev: torch.Tensor, 
         with _autocast(settings.bf16, device):
             for lo in range(0, batch, settings.max_batch):
                 hi = min(lo + settings.max_batch, batch)
+                extra = () if prior is None else (prior[lo:hi],)
                 output[lo:hi] = model(x[lo:hi], t_batch[lo:hi], prev[lo:hi], next[lo:hi], position[lo:hi],
-                                      span[lo:hi]).float()
+                                      span[lo:hi], *extra).float()
         eps = epsilon_from_output(output, x, alpha_t, prediction_type)
         noise = _randn(generators, tuple(x.shape[1:]), device) if settings.eta > 0 else None
         x = ddim_step(x, eps, alpha_t, alpha_prev, settings.eta, noise, settings.clip_x0)
@@ -154,6 +159,16 @@ def sample_gaps(model: nn.Module, alphas_cumprod: torch.Tensor, jobs: Sequence[G
     prev = lower.repeat_interleave(repeats, dim=0).to(device)
     upper = upper.repeat_interleave(repeats, dim=0).to(device)
     outputs = [torch.zeros((repeats, job.gap, *shape), dtype=torch.float32) for job in jobs]
+    priors = None
+    if getattr(model, "prior_channels", 0):  # (chain, round, C, H, W), zero past a chain's gap
+        if model.prior_channels != len(PRIOR_METHODS):
+            raise ValueError(f"the network has {model.prior_channels} prior channels; the sampler provides "
+                             f"{len(PRIOR_METHODS)} ({', '.join(PRIOR_METHODS)})")
+        rounds_max = max(job.gap for job in jobs)
+        job_priors = torch.zeros((len(jobs), rounds_max, model.prior_channels, *shape), dtype=torch.float32)
+        for j, job in enumerate(jobs):
+            job_priors[j, : job.gap] = torch.from_numpy(classical_prior(job.lower, job.upper, job.gap))
+        priors = job_priors.repeat_interleave(repeats, dim=0)
     rounds = int(chain_gap.max())
     iterator = range(rounds)
     if progress:
@@ -163,8 +178,10 @@ def sample_gaps(model: nn.Module, alphas_cumprod: torch.Tensor, jobs: Sequence[G
     for r in iterator:
         active = torch.nonzero(chain_gap > r).flatten()
         span = (chain_gap[active] + 1 - r).to(torch.float32).to(device)
-        sample = denoise(model, alphas_cumprod, prev[active.to(device)], upper[active.to(device)], 1.0 / span, span,
-                         [generators[int(c)] for c in active], settings)
+        position = 1.0 / span
+        prior = None if priors is None else priors[active, r].to(device)
+        sample = denoise(model, alphas_cumprod, prev[active.to(device)], upper[active.to(device)], position, span,
+                         [generators[int(c)] for c in active], settings, prior)
         values = ((sample.float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
         for row, c in enumerate(active.tolist()):
             outputs[chain_job[c]][c % repeats, r] = values[row, 0]

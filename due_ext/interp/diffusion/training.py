@@ -7,6 +7,12 @@
   lesion, so one condition can be an empty slice: the model learns that the object ends inside the gap and
   must not be bridged. Triples with both conditions empty are redrawn (inference never asks for them).
   Augmentation: Z flip, in-plane rot90/flip, +-2 voxel crop jitter. Crops as at inference (:mod:`.crops`).
+  The two conditions are the *block*'s bounds; with ``prior=True`` every item also carries the classical fills
+  of the target from them (:mod:`.prior`), and with probability ``p_adjacent`` the previous condition is the
+  slice just before the target instead of the lower bound (what the autoregressive sampler feeds: its own
+  previous slice, with ``position = 1 / span`` counted from there). Sparse mode (``annotated_slices`` given,
+  for fine-tuning on a user's own annotations): every slice of a triple is a drawn slice; the target is a
+  drawn slice hidden between two others (coarser gaps than the annotator's).
 - :class:`DiffusionTrainer`: MONAI ``SupervisedTrainer`` whose iteration is the denoising loss of paper Eq. 3
   (random timestep, forward noising, conditions dropped with probability ``condition_drop`` each).
 - :class:`DiffusionValidator`: MONAI ``SupervisedEvaluator`` computing the same loss on fixed validation
@@ -34,15 +40,17 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from due_ext.data import schema
+from due_ext.data.annotated_items import collect_annotated_items
 from due_ext.data.atomic import atomic_destination
 from due_ext.data.datalist import read_datalist
 from due_ext.data.nifti import read_nifti
 from due_ext.interp.diffusion.crops import crop_window, extract_crop
 from due_ext.interp.diffusion.model import DEFAULT_CROP_SIZE, drop_conditions, noise_schedule, prediction_target
+from due_ext.interp.diffusion.prior import classical_prior
 
 logger = logging.getLogger("due_ext.interp")
 
-TARGET, PREV, NEXT, POSITION, SPAN = "target", "prev", "next", "position", "span"
+TARGET, PREV, NEXT, POSITION, SPAN, PRIOR = "target", "prev", "next", "position", "span", "prior"
 
 
 def load_masks(datalist: str | os.PathLike, sections: Sequence[str] = ("training",),
@@ -66,6 +74,25 @@ def load_masks(datalist: str | os.PathLike, sections: Sequence[str] = ("training
     return masks
 
 
+def load_sparse_annotations(datalist: str | os.PathLike, sections: Sequence[str] = ("training",)
+                            ) -> tuple[list[np.ndarray], list[list[int]]]:
+    """Sparse annotations and their drawn slices (``annotated_slices``, including any left empty on purpose: a
+    drawn "the object ended here") of the annotated items of ``sections``, for fine-tuning on a user's own
+    annotations (:class:`SliceTripleDataset` sparse mode). Items with fewer than 3 drawn slices are left out
+    (nothing to hide between two)."""
+    _, items = collect_annotated_items(datalist, sections)
+    annotations, drawn = [], []
+    for item in items:
+        slices = sorted(set(item.slices))
+        if len(slices) >= 3 and (item.annotation > 0).any():
+            annotations.append((item.annotation > 0).astype(np.uint8))
+            drawn.append(slices)
+    if not annotations:
+        raise ValueError(f"{datalist}: no annotated item of section(s) {', '.join(sections)} has 3 or more drawn "
+                         "slices (fine-tuning hides a drawn slice between two others)")
+    return annotations, drawn
+
+
 class SliceTripleDataset(Dataset):
     """Random slice triples from full masks; see the module docstring.
 
@@ -78,18 +105,26 @@ class SliceTripleDataset(Dataset):
         augment: flips, rotations and crop jitter.
         seed: base seed; item ``i`` of epoch ``e`` is drawn from ``default_rng([seed, e, i])``.
         resample_each_epoch: draw new triples each epoch (training); ``False`` keeps them fixed (validation).
+        prior: add the classical fills of the target (``prior``, :func:`.prior.classical_prior`).
+        p_adjacent: probability that ``prev`` is the slice before the target (autoregressive form).
+        annotated_slices: per mask, the drawn slices (sparse mode); ``None``: the masks are full.
+        max_hidden: sparse mode: at most this many drawn slices are hidden between the two conditions.
 
     Items: ``target``, ``prev``, ``next`` float32 ``(1, crop, crop)`` in ``[-1, 1]``; ``position``
-    (``offset / span``) and ``span`` float32 scalars.
+    (``offset / span``, counted from ``prev``) and ``span`` float32 scalars; ``prior`` ``(C, crop, crop)``
+    in ``[-1, 1]`` when ``prior`` is set.
     """
 
     def __init__(self, masks: Sequence[np.ndarray], length: int = 2048, crop_size: int = DEFAULT_CROP_SIZE,
                  min_span: int = 2, max_span: int = 6, p_first: float = 0.5, augment: bool = True, seed: int = 0,
-                 resample_each_epoch: bool = True) -> None:
+                 resample_each_epoch: bool = True, prior: bool = False, p_adjacent: float = 0.0,
+                 annotated_slices: Sequence[Sequence[int]] | None = None, max_hidden: int = 2) -> None:
         if not masks:
             raise ValueError("SliceTripleDataset needs at least one mask")
         if not 2 <= min_span <= max_span:
             raise ValueError(f"need 2 <= min_span <= max_span, got {min_span}, {max_span}")
+        if not 0.0 <= p_adjacent <= 1.0:
+            raise ValueError(f"p_adjacent must be in [0, 1], got {p_adjacent}")
         self.masks = [np.asarray(m) > 0 for m in masks]
         self.extents = []
         for i, m in enumerate(self.masks):
@@ -97,6 +132,18 @@ class SliceTripleDataset(Dataset):
             if z.size == 0:
                 raise ValueError(f"mask {i} is empty")
             self.extents.append((int(z[0]), int(z[-1])))
+        self.drawn = None
+        if annotated_slices is not None:
+            if len(annotated_slices) != len(self.masks):
+                raise ValueError(f"{len(self.masks)} masks but {len(annotated_slices)} annotated-slice lists")
+            self.drawn = [sorted(set(int(z) for z in slices)) for slices in annotated_slices]
+            if all(len(d) < 3 for d in self.drawn):
+                raise ValueError("sparse triples need a mask with at least 3 drawn slices (one to hide between two)")
+            if max_hidden < 1:
+                raise ValueError(f"max_hidden must be >= 1, got {max_hidden}")
+        self.prior = bool(prior)
+        self.p_adjacent = float(p_adjacent)
+        self.max_hidden = int(max_hidden)
         self.length = int(length)
         self.crop_size = int(crop_size)
         self.min_span, self.max_span = int(min_span), int(max_span)
@@ -119,9 +166,25 @@ class SliceTripleDataset(Dataset):
             return mask[..., z]
         return np.zeros(mask.shape[:2], dtype=bool)
 
+    def _draw_sparse(self, rng: np.random.Generator) -> tuple[np.ndarray, int, int, int]:
+        """A triple of drawn slices: (mask, lower, target, upper) Z indices, target hidden between the two."""
+        usable = [m for m, d in enumerate(self.drawn) if len(d) >= 3]
+        m = usable[int(rng.integers(len(usable)))]
+        mask, drawn = self.masks[m], self.drawn[m]
+        if self.augment and rng.random() < 0.5:
+            mask = mask[..., ::-1]
+            drawn = sorted(mask.shape[-1] - 1 - z for z in drawn)
+        steps = int(rng.integers(2, min(self.max_hidden + 1, len(drawn) - 1) + 1))  # drawn slices lower -> upper
+        i = int(rng.integers(len(drawn) - steps))
+        j = i + int(rng.integers(1, steps))
+        return mask, drawn[i], drawn[j], drawn[i + steps]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         epoch = self.epoch if self.resample_each_epoch else 0
         rng = np.random.default_rng([self.seed, epoch, int(index)])
+        if self.drawn is not None:
+            mask, start, target_z, stop = self._draw_sparse(rng)
+            return self._item(rng, mask, start, target_z, stop, start)
         for _ in range(100):
             m = int(rng.integers(len(self.masks)))
             mask, (first, last) = self.masks[m], self.extents[m]
@@ -136,18 +199,32 @@ class SliceTripleDataset(Dataset):
                 break
         else:
             raise RuntimeError("could not draw a triple with a non-empty condition in 100 tries")
-        target = self._slice(mask, start + offset)
+        adjacent = self.p_adjacent > 0 and rng.random() < self.p_adjacent
+        return self._item(rng, mask, start, start + offset, start + span, start + offset - 1 if adjacent else start)
+
+    def _item(self, rng: np.random.Generator, mask: np.ndarray, start: int, target_z: int, stop: int,
+              prev_z: int) -> dict[str, Any]:
+        """Crops of the block ``[start, stop]`` (window from its bounds, as at inference), its target slice and
+        the ``prev`` condition at ``prev_z`` (``start``, or the slice before the target)."""
+        lower, upper = self._slice(mask, start), self._slice(mask, stop)
         jitter = tuple(int(j) for j in rng.integers(-2, 3, size=2)) if self.augment else (0, 0)
-        window = crop_window([prev, nxt], self.crop_size, jitter=jitter)
-        crops = np.stack([extract_crop(s, window, self.crop_size) for s in (prev, target, nxt)])
+        window = crop_window([lower, upper], self.crop_size, jitter=jitter)
+        slices = (self._slice(mask, prev_z), self._slice(mask, target_z), upper, lower)
+        crops = np.stack([extract_crop(s, window, self.crop_size) for s in slices])
         if self.augment:
             crops = np.rot90(crops, k=int(rng.integers(4)), axes=(1, 2))
             if rng.random() < 0.5:
                 crops = crops[:, ::-1]
-        crops = torch.from_numpy(np.ascontiguousarray(crops) * 2.0 - 1.0).float()
-        return {PREV: crops[0:1], TARGET: crops[1:2], NEXT: crops[2:3],
-                POSITION: torch.tensor(offset / span, dtype=torch.float32),
-                SPAN: torch.tensor(float(span), dtype=torch.float32)}
+        crops = np.ascontiguousarray(crops)
+        span = stop - prev_z
+        item = {PREV: crops[0:1], TARGET: crops[1:2], NEXT: crops[2:3]}
+        item = {k: torch.from_numpy(v * 2.0 - 1.0).float() for k, v in item.items()}
+        item[POSITION] = torch.tensor((target_z - prev_z) / span, dtype=torch.float32)
+        item[SPAN] = torch.tensor(float(span), dtype=torch.float32)
+        if self.prior:
+            gap = stop - start - 1
+            item[PRIOR] = torch.from_numpy(classical_prior(crops[3], crops[2], gap)[target_z - start - 1])
+        return item
 
 
 def diffusion_loss(network: nn.Module, batch: dict[str, torch.Tensor], alphas_cumprod: torch.Tensor,
@@ -163,7 +240,8 @@ def diffusion_loss(network: nn.Module, batch: dict[str, torch.Tensor], alphas_cu
     alpha = alphas_cumprod.to(device)[t].to(x0.dtype).view(count, 1, 1, 1)
     x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
     prev, nxt = drop_conditions(batch[PREV], batch[NEXT], condition_drop, generator=generator)
-    output = network(x_t, t, prev.to(device), nxt.to(device), batch[POSITION], batch[SPAN])
+    extra = (batch[PRIOR].to(device),) if getattr(network, "prior_channels", 0) else ()
+    output = network(x_t, t, prev.to(device), nxt.to(device), batch[POSITION], batch[SPAN], *extra)
     target = prediction_target(x0, noise, alpha, getattr(network, "prediction_type", "epsilon"))
     return torch.mean((output - target) ** 2)
 
