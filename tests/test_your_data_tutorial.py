@@ -40,10 +40,13 @@ EVERY_K = 3
 # - baseline_plus instead of due: the derivation due adds is tested in tests/test_due_bundle.py.
 SMALL = ["--spacing", "[2.5, 2.5, 5.0]", "--spatial_size", "[32, 32, 16]", "--target_layer", "layer2",
          "--block_inplanes", "[8, 16, 16, 16]"]
-# - training: 60 epochs with lambda 1, validated once at the end, so the model kept is the last one: with one
+# - training: 150 epochs with lambda 1, validated once at the end, so the model kept is the last one: with one
 #   validation positive, PR-AUC reaches 1 within a few epochs and the "best" epoch is then an early, untrained
 #   one (measured: with 20 epochs validated every epoch, epoch 2 was kept and its CAM peaked outside the tumour).
-TRAINING = ["--max_epochs", "60", "--val_interval", "60", "--lam", "1.0", "--batch_size", "4"]
+#   Measured over training seeds 0-7 (this data, one thread): the inference CAM peaked inside the tumour's box
+#   for 7 of 8 seeds (seed 1 missed), and the scan was predicted "lesion" for 7 of 8 (seed 4 missed); with 60
+#   epochs for 3 of seeds 0-4. The test runs seed 0, deterministic on the CPU.
+TRAINING = ["--max_epochs", "150", "--val_interval", "150", "--lam", "1.0", "--batch_size", "4"]
 
 
 def tutorial_commands(text: str) -> list[list[str]]:
