@@ -239,3 +239,27 @@ def test_bounded_profile_sets_the_training_keys():
     assert profile["lr_schedule"] == "cosine" and profile["best_ties"] == "last"
     assert training_augmentation("due", profile["augmentation"])  # every key known
     assert "val_fraction=@val_fraction" in profile["dataset_dir"]
+
+
+def test_augmented_epoch_depends_only_on_seed_and_epoch():
+    """EpochSeeder reseeds the training chain's random steps: epoch 3's augmented item is the same whether epochs 1
+    and 2 ran before it (an uninterrupted run) or not (a run resumed at epoch 3)."""
+    from types import SimpleNamespace
+
+    from monai.data import CacheDataset
+
+    from due_ext.engines import EpochSeeder
+
+    chain = training_transforms(Compose([]), "baseline_plus",
+                                {"flip": 0.5, "rotate_deg": 20, "scale": 0.1, "affine_prob": 1.0, "intensity": 0.2})
+    dataset = CacheDataset([_item()], transform=chain, progress=False)
+    seeder = EpochSeeder(seed=5, dataset=dataset)
+
+    def epoch(e: int) -> torch.Tensor:
+        seeder(SimpleNamespace(state=SimpleNamespace(epoch=e)))
+        return torch.as_tensor(dataset[0]["image"]).clone()
+
+    resumed = epoch(3)
+    straight = [epoch(e) for e in (1, 2, 3)]
+    torch.testing.assert_close(straight[2], resumed, rtol=0, atol=0)
+    assert not torch.equal(straight[0], straight[2])  # the epochs differ from each other
