@@ -105,7 +105,7 @@ def _run_bundle_component(name: str, config: str, component: str, overrides: dic
 #: Part of the derived-folder key besides the checkpoints: bump it when the derived numbers change without a new
 #: checkpoint, so no folder written by older code is reused. 2: the neural process's inference speed-ups (451831c)
 #: moved the weights by up to 6e-5, enough to change a DUE training run (bundles/due/docs/README.md). 3: items are
-#: derived in fixed units of 8 (due_ext.data.shards) instead of one batch, which moved values by up to 5e-6.
+#: derived in fixed units of 4 (due_ext.data.shards) instead of one batch, which moved values by up to 5e-6.
 DERIVATION_VERSION = 3
 
 

@@ -123,3 +123,39 @@ def test_two_processes_derive_each_item_once_and_write_what_one_process_writes(t
     for name, volumes in single.items():
         for key, volume in volumes.items():
             assert np.array_equal(volume, shared[name][key]), f"{name} {key} differs between 1 and 2 processes"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_two_process_due_bundle_run_derives_each_item_once(tmp_path):
+    """The DUE bundle itself under torchrun (train.json + multi_gpu_train.json, --method due, gloo): each derived
+    item comes from exactly one process, both processes worked, and the files equal a one-process derivation of
+    a copy of the same dataset."""
+    from due_ext.bundles import derive_uncertainty_keys
+
+    root, cache = tmp_path / "bundle", tmp_path / "cache"
+    root.mkdir()
+    configs = json.dumps([str(REPO / "bundles" / "due" / "train.json"),
+                          str(REPO / "bundles" / "due" / "multi_gpu_train.json")])
+    env = dict(os.environ, DUE_EXT_CACHE=str(cache), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle",
+                          "run", "--config_file", configs, "--bundle_root", str(root), "--demo_dataset", "phantom",
+                          "--method", "due", "--max_epochs", "1", "--block_inplanes", "[4, 8, 8, 8]"],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (dataset,) = (cache / "datasets").glob("phantom-*")
+    (derived,) = dataset.glob("derived-*")
+    for step in ("interpolator", "uncertainty"):
+        receipts = [json.loads(p.read_text()) for p in sorted((derived / step / "units").glob("unit-*.json"))]
+        names = [name for receipt in receipts for name in receipt["names"]]
+        assert names and len(names) == len(set(names))  # every item in one unit, derived once
+        assert {receipt["derived_by"]["rank"] for receipt in receipts} == {0, 1}
+
+    single = tmp_path / "single"
+    shutil.copytree(dataset, single, ignore=shutil.ignore_patterns("derived-*"))
+    one = _read_volumes(Path(derive_uncertainty_keys(str(single / "datalist.json"))))
+    shared = _read_volumes(derived / "uncertainty" / "datalist.json")
+    assert one.keys() == shared.keys() and one
+    for name, volumes in one.items():
+        for key, volume in volumes.items():
+            assert np.array_equal(volume, shared[name][key]), f"{name} {key} differs between 1 and 2 processes"

@@ -32,9 +32,9 @@ from due_ext.data.datalist import write_json_atomic
 
 logger = logging.getLogger("due_ext.data")
 
-#: Items per work unit: large enough to fill a sampling batch (8 volumes x their blocks x 8 repeats), small
-#: enough that two processes share a demo datalist of ~100 items evenly.
-DEFAULT_UNIT_SIZE = 8
+#: Items per work unit: large enough to fill a sampling batch (4 volumes x their blocks x 8 repeats = 32 chains or
+#: more per denoising step), small enough that processes share even a small datalist.
+DEFAULT_UNIT_SIZE = 4
 
 
 @dataclass(frozen=True)
