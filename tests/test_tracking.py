@@ -172,3 +172,21 @@ def test_a_cam_of_a_chain_that_moves_nothing_is_already_on_the_input_grid(tmp_pa
         (on_input,) = cams_on_input_grid(cam, batch["image"], chain)
     torch.testing.assert_close(on_input.as_tensor(), cam[0])
     np.testing.assert_allclose(on_input.affine.numpy(), affine, atol=1e-6)
+
+
+def test_test_cams_of_two_files_with_one_name_stop_with_both_named(tmp_path):
+    # case_1/image.nii.gz and case_2/image.nii.gz would both write image_gradcam.nii.gz
+    import torch
+    from ignite.engine import Engine
+    from monai.data import MetaTensor
+
+    from due_ext.engines import PredictionWriter
+
+    files = ["data/case_1/image.nii.gz", "data/case_2/image.nii.gz"]
+    image = MetaTensor(torch.zeros(2, 1, 4, 4, 2), affine=torch.eye(4).repeat(2, 1, 1),  # collated: one per item
+                       meta={"filename_or_obj": files})
+    output = {"image": image, "pred": torch.full((2, 2), 0.5), "cam": torch.zeros(2, 4, 4, 2)}
+    engine = Engine(lambda _engine, _batch: output)
+    PredictionWriter(tmp_path / "cams").attach(engine)
+    with pytest.raises(ValueError, match=r"case_2/image\.nii\.gz: .*would overwrite that of data/case_1/image"):
+        engine.run([0])

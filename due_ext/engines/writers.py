@@ -63,6 +63,10 @@ class PredictionWriter:
             cams, affines = [c.numpy() for c in on_input], torch.stack([c.affine for c in on_input])
         for i, path in enumerate(files):
             stem = _stem(path)
+            if stem in self.predictions and self.predictions[stem]["file"] != str(path):
+                # e.g. case_1/image.nii.gz and case_2/image.nii.gz: one CAM would silently replace the other
+                raise ValueError(f"{path}: its Grad-CAM would overwrite that of {self.predictions[stem]['file']} "
+                                 f"({stem}_gradcam.nii.gz in {self.output_dir}); give the volumes distinct file names")
             affine = None if affines is None else torch.as_tensor(affines)[i].cpu().numpy()
             write_nifti(self.output_dir / f"{stem}_gradcam.nii.gz", cams[i].astype(np.float32), affine)
             self.predictions[stem] = {
