@@ -8,7 +8,7 @@ the chosen sections that carry an annotation are loaded and checked.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from due_ext.data import schema
-from due_ext.data.datalist import read_datalist
+from due_ext.data.datalist import read_datalist, write_datalist
 from due_ext.data.nifti import read_nifti
+from due_ext.data.shards import DEFAULT_UNIT_SIZE, barrier, current_shard, derive_in_units
 
 
 @dataclass
@@ -68,3 +69,23 @@ def collect_annotated_items(datalist: str | os.PathLike, sections: Sequence[str]
             annotated.append(AnnotatedItem(entry, annotation, affine, [int(z) for z in slices], f"{section}_{name}"))
         out_payload[section] = new_items
     return out_payload, annotated
+
+
+def derive_datalist(out_payload: dict[str, Any], items: Sequence[AnnotatedItem],
+                    derive_unit: Callable[[range], list[dict[str, str]]], output_dir: str | os.PathLike,
+                    datalist_name: str = "datalist.json", unit_size: int = DEFAULT_UNIT_SIZE,
+                    progress: bool = False) -> Path:
+    """Derive ``items`` in work units shared by every process (:func:`~due_ext.data.shards.derive_in_units`,
+    receipts in ``output_dir/units``), then, on the main process, add each item's derived keys to its entry of
+    ``out_payload`` and write it as ``output_dir/datalist_name``. Every process returns that path once it is
+    written."""
+    shard = current_shard()
+    entries = derive_in_units([item.name for item in items], derive_unit, Path(output_dir) / "units", shard,
+                              unit_size, progress=progress)
+    destination = Path(output_dir) / datalist_name
+    if entries is not None:
+        for item, entry in zip(items, entries, strict=True):
+            item.entry.update(entry)
+        write_datalist(destination, out_payload)
+    barrier(shard)  # the others read the datalist next
+    return destination

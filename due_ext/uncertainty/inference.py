@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from due_ext.data import schema
-from due_ext.data.annotated_items import collect_annotated_items
-from due_ext.data.datalist import SECTIONS, write_datalist
+from due_ext.data.annotated_items import collect_annotated_items, derive_datalist
+from due_ext.data.datalist import SECTIONS
 from due_ext.data.nifti import write_nifti
-from due_ext.data.shards import DEFAULT_UNIT_SIZE, barrier, current_shard, derive_in_units
+from due_ext.data.shards import DEFAULT_UNIT_SIZE
 from due_ext.engines.checkpoints import load_network_weights
 from due_ext.interp.blocks import split_blocks
 from due_ext.interp.diffusion.crops import crop_window, extract_crop, paste_crop
@@ -171,14 +171,7 @@ class UncertaintyInference:
                                 for key, volume in ((schema.VARIANCE, variance), (schema.WEIGHTS, weights))})
             return entries
 
-        shard = current_shard()
-        entries = derive_in_units([t.name for t in todo], predict_unit, self.output_dir / "units", shard,
-                                  self.unit_size)
-        destination = self.output_dir / self.datalist_name
-        if entries is not None:
-            for item, entry in zip(todo, entries, strict=True):
-                item.entry.update(entry)
-            write_datalist(destination, out_payload)
-            logger.info("wrote %s", destination)
-        barrier(shard)  # the others read the datalist next
+        destination = derive_datalist(out_payload, todo, predict_unit, self.output_dir, self.datalist_name,
+                                      self.unit_size)
+        logger.info("wrote %s", destination)
         return destination

@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from due_ext.data import schema
-from due_ext.data.annotated_items import collect_annotated_items
-from due_ext.data.datalist import SECTIONS, write_datalist
+from due_ext.data.annotated_items import collect_annotated_items, derive_datalist
+from due_ext.data.datalist import SECTIONS
 from due_ext.data.nifti import write_nifti
-from due_ext.data.shards import DEFAULT_UNIT_SIZE, barrier, current_shard, derive_in_units
+from due_ext.data.shards import DEFAULT_UNIT_SIZE
 from due_ext.interp.blocks import split_blocks
 from due_ext.interp.diffusion.crops import crop_window, extract_crop, paste_crop
 from due_ext.interp.diffusion.model import SliceInterpolationUNet, noise_schedule
@@ -171,16 +171,9 @@ class DiffusionInterpolation:
                               .resolve()) for key, volume in ((schema.INTERPOLATION, mean), (schema.VARIANCE, var))}
                     for item, (mean, var) in zip(items, results, strict=True)]
 
-        shard = current_shard()
-        entries = derive_in_units([t.name for t in todo], interpolate_unit, self.output_dir / "units", shard,
-                                  self.unit_size, progress=self.progress)
-        destination = self.output_dir / self.datalist_name
-        if entries is not None:
-            for item, entry in zip(todo, entries, strict=True):
-                item.entry.update(entry)
-            write_datalist(destination, out_payload)
-            logger.info("wrote %s", destination)
-        barrier(shard)  # the others read the datalist next
+        destination = derive_datalist(out_payload, todo, interpolate_unit, self.output_dir, self.datalist_name,
+                                      self.unit_size, progress=self.progress)
+        logger.info("wrote %s", destination)
         return destination
 
 
