@@ -9,6 +9,7 @@ from torch import nn
 from due_ext.uncertainty.inference import predict_block_variance, predict_volume_variance
 from due_ext.uncertainty.model import (
     ConvBlock,
+    NeuralProcessOutput,
     NeuralProcessUncertainty,
     gaussian_kl,
     log_variance_target,
@@ -148,3 +149,80 @@ def test_conv_block_computes_what_its_layers_do_in_sequence():
     block = ConvBlock(3, 8, norm_groups=4).eval()
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(block(x), nn.Sequential.forward(block, x), rtol=0, atol=0)
+
+
+def test_gaussian_reconstruction_is_half_the_itakura_saito_divergence():
+    model = tiny_model().train()
+    lower, upper = crops(2)
+    target = log_variance_target(torch.rand(2, 3, CROP, CROP) * 0.5)
+    out = model(lower, upper, [3, 1], target)
+    losses = neural_process_loss(out, target, likelihood="gaussian")
+    ratio = torch.exp(target - out.log_var)  # v / s
+    divergence = 0.5 * (ratio - torch.log(ratio) - 1.0)
+    manual = (divergence[0].mean() + divergence[1, :1].mean()) / 2
+    torch.testing.assert_close(losses["reconstruction"], manual)
+    # 0 exactly where the prediction equals the target
+    perfect = neural_process_loss(NeuralProcessOutput(target.clone(), out.valid, out.prior, None), target,
+                                  likelihood="gaussian")
+    assert perfect["reconstruction"].item() == 0.0
+    with pytest.raises(ValueError, match="likelihood"):
+        neural_process_loss(out, target, likelihood="poisson")
+
+
+def test_gaussian_loss_is_minimised_by_the_mean_of_the_targets():
+    # one voxel seen with target variances 0.01 (3 times) and 0.61 (once): the minimiser of the mean divergence is
+    # their mean 0.16 (+ eps) for "gaussian"; "laplace" (L1 on the log) picks the median, 0.01 (+ eps)
+    values = torch.tensor([0.01, 0.01, 0.01, 0.61])
+    targets = log_variance_target(values)[:, None, None, None]  # (4, 1, 1, 1): four blocks, one voxel each
+    valid = torch.ones(4, 1, dtype=torch.bool)
+    prior = (torch.zeros(4, 1), torch.zeros(4, 1))
+    grid = torch.linspace(-6.0, 0.0, 6001)
+
+    def best(likelihood: str) -> float:
+        outputs = (NeuralProcessOutput(torch.full((4, 1, 1, 1), float(g)), valid, prior, None) for g in grid)
+        losses = [neural_process_loss(o, targets, likelihood=likelihood)["loss"].item() for o in outputs]
+        return float(torch.exp(grid[int(np.argmin(losses))]) - 1e-4)
+
+    assert best("gaussian") == pytest.approx(0.16, abs=2e-3)  # grid step 1e-3 in log: 0.1 % of the value
+    assert best("laplace") == pytest.approx(0.01, abs=1e-4)
+
+
+def test_predicted_variance_is_clamped_to_max_variance():
+    model = NeuralProcessUncertainty(features=(4, 8), latent_dim=2, embed_dim=4, norm_groups=2, crop_size=CROP,
+                                     max_variance=1.0)
+    with torch.no_grad():
+        model.head.bias.fill_(0.0)  # log(var + eps) = 0: var = 1 - eps, above the diffusion cap 0.25
+    lower, upper = crops(1)
+    assert model.predict_variance(lower, upper, [1]).max().item() == pytest.approx(1.0 - 1e-4)
+    model.max_variance = 0.25
+    assert model.predict_variance(lower, upper, [1]).max().item() == 0.25
+    with pytest.raises(ValueError, match="max_variance"):
+        NeuralProcessUncertainty(features=(4, 8), crop_size=CROP, max_variance=0.0)
+
+
+def test_squared_error_target_adds_the_squared_bias_where_the_truth_is_known():
+    variance = np.full((2, 2, 4, 4), 0.01, np.float32)
+    mean = np.zeros((2, 2, 4, 4), np.float32)
+    mean[:, 0, 0, 0] = 0.7  # filled, truth empty: wrong (squared error 0.01 + 0.49)
+    mean[:, 0, 1, 1] = 0.3  # empty, truth empty: right (0.01 + 0.09)
+    truth = np.zeros((2, 2, 4, 4), np.uint8)
+    truth[:, 0, 2, 2] = 1  # missed: wrong (0.01 + 1)
+    variance[:, 1], mean[:, 1] = 0.0, 0.0  # block 0 has gap 2, block 1 gap 1: its slot 1 is padding
+    targets = VarianceTargets(lower=np.zeros((2, 4, 4), np.uint8), upper=np.zeros((2, 4, 4), np.uint8),
+                              gaps=np.array([2, 1]), variance=variance, mean=mean, truth=truth,
+                              has_truth=np.array([True, False]), source=np.zeros((2, 5), np.int64),
+                              meta={"format": 1})
+    known = VarianceTargetDataset(targets, target="squared_error")[0]
+    expected = np.full((2, 4, 4), 0.01, np.float32)
+    expected[1] = 0.0
+    expected[0, 0, 0], expected[0, 1, 1], expected[0, 2, 2] = 0.5, 0.1, 1.01
+    np.testing.assert_allclose(known["variance"].numpy(), expected, rtol=1e-6)  # float32 sums of 2 terms
+    assert known["has_truth"] and known["error"].sum().item() == 2.0
+    assert known["error"][0, 0, 0] == 1 and known["error"][0, 2, 2] == 1 and known["error"][0, 1, 1] == 0
+    unknown = VarianceTargetDataset(targets, target="squared_error")[1]  # no truth: the variance, no errors
+    np.testing.assert_array_equal(unknown["variance"].numpy(), variance[1])
+    assert not unknown["has_truth"] and unknown["error"].sum().item() == 0.0
+    plain = VarianceTargetDataset(targets)[0]
+    np.testing.assert_array_equal(plain["variance"].numpy(), variance[0])
+    with pytest.raises(ValueError, match="target"):
+        VarianceTargetDataset(targets, target="bias")

@@ -9,7 +9,12 @@ from torch.utils.data import DataLoader
 
 from due_ext.uncertainty.model import NeuralProcessUncertainty
 from due_ext.uncertainty.targets import VarianceTargetDataset, VarianceTargets
-from due_ext.uncertainty.training import NeuralProcessTrainer, NeuralProcessValidator, SpearmanMetric
+from due_ext.uncertainty.training import (
+    ErrorAUROCMetric,
+    NeuralProcessTrainer,
+    NeuralProcessValidator,
+    SpearmanMetric,
+)
 
 CROP = 8
 
@@ -68,3 +73,30 @@ def test_spearman_metric_constant_prediction_is_worst():
     metric.reset()
     metric.update((torch.arange(10.0), torch.arange(10.0) ** 2))
     assert metric.compute() == 1.0
+
+
+def test_error_auroc_metric_against_hand_counts():
+    metric = ErrorAUROCMetric()
+    metric.reset()
+    # errors at scores 0.9 and 0.4, correct voxels at 0.5, 0.1, 0.1: of the 6 (error, correct) pairs
+    # only (0.4, 0.5) is ranked wrong
+    metric.update((torch.tensor([0.9, 0.4, 0.5, 0.1, 0.1]), torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0])))
+    assert metric.compute() == 5 / 6
+    metric.reset()
+    metric.update((torch.rand(4), torch.zeros(4)))
+    assert metric.compute() == 0.5  # no error to rank: chance, not a crash
+
+
+def test_validator_reports_error_auroc_on_blocks_with_truth():
+    targets = synthetic_targets(6, seed=1)
+    targets.has_truth[:] = True
+    targets.truth[:, 0] = targets.lower != targets.upper  # the first missing slice is wrong where they disagree
+    network = NeuralProcessUncertainty(features=(4, 8), latent_dim=2, embed_dim=4, norm_groups=2, crop_size=CROP)
+    validator = NeuralProcessValidator(device=torch.device("cpu"), network=network,
+                                       val_data_loader=DataLoader(VarianceTargetDataset(targets), batch_size=3),
+                                       key_val_metric={"val_error_auroc": ErrorAUROCMetric()})
+    validator.run()
+    assert validator.state.key_metric_name == "val_error_auroc"
+    assert 0.0 <= validator.state.metrics["val_error_auroc"] <= 1.0
+    # the network is untrained: constant predictions rank nothing, all pairs tie
+    assert validator.state.metrics["val_error_auroc"] == 0.5

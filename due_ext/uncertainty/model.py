@@ -17,13 +17,22 @@ Neural process (Garnelo et al. 2018; the paper's Section 4.3, Figure 2) over the
   context features and the span; posterior ``q(z | context, targets)`` additionally sees the target variance
   maps (training only). Training samples ``z`` from the posterior (reparameterised); inference uses the *prior
   mean*, so a forward pass is deterministic.
-- **output**: per-voxel ``log(var + eps)`` of every missing slice at once, ``(B, G, H, W)``.
+- **output**: per-voxel ``log(var + eps)`` of every missing slice at once, ``(B, G, H, W)``. ``var`` is what the
+  training targets hold (:class:`due_ext.uncertainty.targets.VarianceTargetDataset`): the diffusion variance,
+  or the expected squared error of a diffusion sample against the truth (variance plus squared bias, up to 1;
+  ``max_variance`` clamps :meth:`NeuralProcessUncertainty.predict_variance` accordingly). Either way it is the
+  variance that :mod:`due_ext.uncertainty.weights` turns into weights.
 
 Loss (:func:`neural_process_loss`), per block and then averaged over the batch: the negative ELBO per target
 voxel = Laplace negative log-likelihood of ``log(var + eps)`` with unit scale (the mean absolute error, up to a
 constant) over the valid target voxels + ``beta * KL(q(z | C, T) || p(z | C)) / (number of target voxels)``.
 L1 on log-variance because the targets span four decades (background ~0, boundaries up to 0.25) and their
-ranking, not their absolute error, is what the weights use.
+ranking, not their absolute error, is what the weights use. ``likelihood="gaussian"`` instead reads the predicted
+variance ``s = exp(log_var)`` as that of a zero-mean Gaussian residual and the target ``v`` as the residual's
+mean square (e.g. the squared error of a diffusion sample against the truth): the expected negative
+log-likelihood is, up to a constant, half the Itakura-Saito divergence ``v / s - log(v / s) - 1``, minimised by
+``s = E[v | context]``, the conditional *mean* (the L1 loss gives the conditional median, which ignores errors
+that occur in fewer than half of similar voxels), on the same log scale.
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ from torch import nn
 DEFAULT_EPS = 1e-4
 #: Side of the square crops: the interpolator's lesion-centred windows (:mod:`due_ext.interp.diffusion.crops`).
 DEFAULT_CROP_SIZE = 32
+#: Likelihoods of the reconstruction term (:func:`neural_process_loss`).
+LIKELIHOODS = ("laplace", "gaussian")
 
 
 def target_positions(gaps: Sequence[int] | torch.Tensor,
@@ -146,6 +157,8 @@ class NeuralProcessUncertainty(nn.Module):
         norm_groups: group-norm groups (the gcd with each level's channels is used).
         crop_size: side of the square crops (checked; the network itself is size-free).
         eps: floor of the variance in ``log(var + eps)``.
+        max_variance: upper clamp of :meth:`predict_variance`: 0.25 (the largest variance of values in [0, 1])
+            for a predictor of the diffusion variance, 1.0 for one of a squared error against a binary truth.
 
     Call ``model(lower, upper, gaps)`` with binary crops ``lower``, ``upper`` ``(B, 1, H, W)`` (the annotated
     slices at positions 0 and 1) and ``gaps`` ``(B,)`` (missing slices per block); pass
@@ -154,7 +167,8 @@ class NeuralProcessUncertainty(nn.Module):
     """
 
     def __init__(self, features: Sequence[int] = (16, 32, 64), latent_dim: int = 16, embed_dim: int = 32,
-                 norm_groups: int = 8, crop_size: int = DEFAULT_CROP_SIZE, eps: float = DEFAULT_EPS) -> None:
+                 norm_groups: int = 8, crop_size: int = DEFAULT_CROP_SIZE, eps: float = DEFAULT_EPS,
+                 max_variance: float = 0.25) -> None:
         super().__init__()
         features = tuple(int(f) for f in features)
         if crop_size % (2 ** (len(features) - 1)):
@@ -162,6 +176,9 @@ class NeuralProcessUncertainty(nn.Module):
                              f"{len(features)} pyramid levels")
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
+        if not max_variance > 0:
+            raise ValueError(f"max_variance must be > 0, got {max_variance}")
+        self.max_variance = float(max_variance)
         self.features, self.latent_dim, self.crop_size, self.eps = features, int(latent_dim), int(crop_size), eps
         self.encoder = SliceEncoder(features, norm_groups)
         self.target_embedding = nn.Sequential(nn.Linear(4, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
@@ -262,7 +279,7 @@ class NeuralProcessUncertainty(nn.Module):
     @torch.no_grad()
     def predict_variance(self, lower: torch.Tensor, upper: torch.Tensor,
                          gaps: torch.Tensor | Sequence[int]) -> torch.Tensor:
-        """Deterministic variance ``(B, G, H, W)`` in ``[0, 0.25]`` (0 at padded targets), in eval mode."""
+        """Deterministic variance ``(B, G, H, W)`` in ``[0, max_variance]`` (0 at padded targets), in eval mode."""
         was_training = self.training
         if was_training:  # train()/eval() walk every submodule: skip them when already in eval mode
             self.eval()
@@ -271,7 +288,7 @@ class NeuralProcessUncertainty(nn.Module):
         finally:
             if was_training:
                 self.train()
-        variance = (torch.exp(out.log_var) - self.eps).clamp(0.0, 0.25)
+        variance = (torch.exp(out.log_var) - self.eps).clamp(0.0, self.max_variance)
         return variance * out.valid[..., None, None]
 
 
@@ -287,18 +304,26 @@ def log_variance_target(variance: torch.Tensor, eps: float = DEFAULT_EPS) -> tor
 
 
 def neural_process_loss(output: NeuralProcessOutput, target_log_var: torch.Tensor,
-                        beta: float = 1.0) -> dict[str, torch.Tensor]:
+                        beta: float = 1.0, likelihood: str = "laplace") -> dict[str, torch.Tensor]:
     """Negative ELBO per target voxel (see the module docstring) over the output's valid targets, averaged over
     blocks.
 
-    Returns ``loss`` (to minimise), ``reconstruction`` (mean absolute error of ``log(var + eps)`` over valid
-    voxels) and ``kl`` (per block, in nats), all batch means.
+    Returns ``loss`` (to minimise), ``reconstruction`` (over valid voxels: ``"laplace"``, the mean absolute error
+    of ``log(var + eps)``; ``"gaussian"``, the mean of ``(v / s - log(v / s) - 1) / 2`` with ``v``, ``s`` the
+    target and predicted ``var + eps``, 0 at a perfect fit) and ``kl`` (per block, in nats), all batch means.
     """
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood {likelihood!r} is not one of {', '.join(LIKELIHOODS)}")
     valid = output.valid
     width = output.log_var.shape[1]
     target = target_log_var[:, :width].float()
     voxels_per_slice = output.log_var.shape[-2] * output.log_var.shape[-1]
-    error = (output.log_var - target).abs().mean(dim=(-2, -1)) * valid  # (B, G)
+    if likelihood == "laplace":
+        per_voxel = (output.log_var - target).abs()
+    else:
+        log_ratio = target - output.log_var  # log(v / s)
+        per_voxel = 0.5 * (torch.exp(log_ratio) - log_ratio - 1.0)
+    error = per_voxel.mean(dim=(-2, -1)) * valid  # (B, G)
     n_slices = valid.sum(dim=1).clamp(min=1)
     reconstruction = error.sum(dim=1) / n_slices
     if output.posterior is not None:

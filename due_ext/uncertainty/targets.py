@@ -6,6 +6,9 @@ population variance over ``T`` diffusion samples (the interpolator's batched sam
 :func:`due_ext.interp.diffusion.sampling.sample_gaps`); also the diffusion mean and, when a full 3D mask is
 known, the true slices (evaluation). Crops are the interpolator's lesion-centred windows
 (:mod:`due_ext.interp.diffusion.crops`), so the predictor sees exactly the interpolator's inputs.
+What the predictor learns from a cached block is chosen by :class:`VarianceTargetDataset` (``target``): the
+diffusion variance, or the expected squared error of a diffusion sample against the true slices (variance plus
+squared bias), which also marks where the sampler is confidently wrong.
 
 Blocks come from a datalist:
 
@@ -51,6 +54,9 @@ from due_ext.uncertainty.model import DEFAULT_CROP_SIZE, DEFAULT_EPS, log_varian
 logger = logging.getLogger("due_ext.uncertainty")
 
 LOWER, UPPER, GAP, VARIANCE, LOG_VARIANCE, TRUTH = "lower", "upper", "gap", "variance", "log_variance", "truth"
+ERROR, HAS_TRUTH = "error", "has_truth"
+#: What the predictor learns (:class:`VarianceTargetDataset`).
+TARGETS = ("variance", "squared_error")
 CACHE_FORMAT = 1
 
 
@@ -246,11 +252,18 @@ def cached_variance_targets(cache: str | os.PathLike, interpolator: nn.Module, d
 
 class VarianceTargetDataset(Dataset):
     """Torch dataset over cached target blocks: dicts of ``lower``/``upper`` ``(1, H, W)`` float, ``gap`` (int),
-    ``log_variance`` ``(G, H, W)`` (``log(var + eps)``, padded slices hold ``log(eps)``) and ``variance``.
+    ``variance`` ``(G, H, W)`` (what the predictor learns, see ``target``), ``log_variance`` (``log(variance +
+    eps)``, padded slices hold ``log(eps)``), ``error`` ``(G, H, W)`` (1 where the diffusion mean, binarised at
+    0.5, differs from the true slice; 0 without truth) and ``has_truth`` (bool).
 
     Args:
         targets: the cache.
         indices: which blocks (default all).
+        target: ``"variance"``: the diffusion variance over the ``T`` samples; ``"squared_error"``: the expected
+            squared error of one diffusion sample ``x`` against the true slice ``y``,
+            ``E[(x - y)^2] = var + (mean - y)^2`` (variance plus squared bias, in [0, 1]): the spread the
+            predictor should report where the fill is wrong, not only where the sampler hesitates. Blocks
+            without truth (drawn annotations) fall back to the variance.
         augment: random in-plane flips and 90-degree rotations, the same for all slices of a block (the
             variance of a rotated block is the rotated variance; the slice order is kept because the
             autoregressive sampler is not symmetric in Z).
@@ -259,7 +272,10 @@ class VarianceTargetDataset(Dataset):
     """
 
     def __init__(self, targets: VarianceTargets, indices: Sequence[int] | None = None, augment: bool = False,
-                 seed: int = 0, eps: float = DEFAULT_EPS) -> None:
+                 seed: int = 0, eps: float = DEFAULT_EPS, target: str = "variance") -> None:
+        if target not in TARGETS:
+            raise ValueError(f"target {target!r} is not one of {', '.join(TARGETS)}")
+        self.target = target
         self.targets = targets
         self.indices = list(range(len(targets))) if indices is None else [int(i) for i in indices]
         self.augment, self.seed, self.eps, self.epoch = augment, int(seed), float(eps), 0
@@ -274,13 +290,19 @@ class VarianceTargetDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         j = self.indices[index]
         t = self.targets
-        arrays = [t.lower[j][None].astype(np.float32), t.upper[j][None].astype(np.float32), t.variance[j]]
+        has_truth = bool(t.has_truth[j])
+        truth = t.truth[j].astype(np.float32)
+        learned = t.variance[j]
+        if self.target == "squared_error" and has_truth:
+            learned = np.maximum(t.variance[j], 0.0) + np.square(t.mean[j] - truth)  # padded slices: 0 + 0
+        error = (((t.mean[j] > 0.5) != (truth > 0.5)) & has_truth).astype(np.float32)
+        arrays = [t.lower[j][None].astype(np.float32), t.upper[j][None].astype(np.float32), learned, error]
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             turns, flip = int(rng.integers(4)), bool(rng.integers(2))
             arrays = [np.rot90(a, turns, axes=(-2, -1)) for a in arrays]
             if flip:
                 arrays = [a[..., ::-1] for a in arrays]
-        lower, upper, variance = (torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+        lower, upper, variance, error = (torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
         return {LOWER: lower, UPPER: upper, GAP: int(t.gaps[j]), VARIANCE: variance,
-                LOG_VARIANCE: log_variance_target(variance, self.eps)}
+                LOG_VARIANCE: log_variance_target(variance, self.eps), ERROR: error, HAS_TRUTH: has_truth}

@@ -7,8 +7,9 @@
   the posterior). ``engine.state.output``: ``loss``, ``reconstruction``, ``kl``.
 - :class:`NeuralProcessValidator`: MONAI ``SupervisedEvaluator`` predicting deterministically (prior mean, no
   target seen); metrics :class:`SpearmanMetric` (``val_spearman``, the key metric, higher is better: rank
-  agreement with the diffusion variance over the validation blocks' voxels) and ``val_l1`` (mean absolute
-  error of ``log(var + eps)``).
+  agreement with the learned target over the validation blocks' voxels) and ``val_l1`` (mean absolute
+  error of ``log(var + eps)``); :class:`ErrorAUROCMetric` (``val_error_auroc``: how well the prediction ranks
+  the voxels where the interpolation is wrong, the evaluation's question) can be the key metric instead.
 Checkpointing (resume, best model) uses :mod:`due_ext.engines.checkpoints`; wiring is in the bundle config.
 """
 
@@ -30,10 +31,13 @@ from torch import nn
 
 from due_ext.interp.diffusion.inference import load_interpolator_weights
 from due_ext.interp.diffusion.sampling import SamplerSettings
+from due_ext.metrics.prediction import roc_auc
 from due_ext.metrics.uncertainty import spearman
 from due_ext.uncertainty.model import neural_process_loss
 from due_ext.uncertainty.targets import (
+    ERROR,
     GAP,
+    HAS_TRUTH,
     LOG_VARIANCE,
     LOWER,
     UPPER,
@@ -58,14 +62,17 @@ def target_datasets(interpolator: nn.Module, interpolator_weights: str | os.Path
                     cache_dir: str | os.PathLike, every_k: Sequence[int] = (2, 3, 4, 5),
                     settings: SamplerSettings | dict | None = None, training_sections: Sequence[str] = ("training",),
                     validation_sections: Sequence[str] = ("validation",), augment: bool = True, seed: int = 0,
-                    eps: float = 1e-4, device: str | torch.device = "cpu") -> dict[str, VarianceTargetDataset]:
+                    eps: float = 1e-4, device: str | torch.device = "cpu", target: str = "variance"
+                    ) -> dict[str, VarianceTargetDataset]:
     """``{"training": ..., "validation": ...}`` datasets of cached target blocks (computed on first use into
-    ``cache_dir/targets_<section>.npz``). Training blocks are augmented; validation blocks are not."""
+    ``cache_dir/targets_<section>.npz``) learning ``target`` (:class:`VarianceTargetDataset`). Training blocks
+    are augmented; validation blocks are not."""
     out = {}
     for name, sections in (("training", training_sections), ("validation", validation_sections)):
         targets = cached_variance_targets(Path(cache_dir) / f"targets_{name}.npz", interpolator, datalist, sections,
                                           every_k, settings, interpolator_weights=interpolator_weights, device=device)
-        out[name] = VarianceTargetDataset(targets, augment=augment and name == "training", seed=seed, eps=eps)
+        out[name] = VarianceTargetDataset(targets, augment=augment and name == "training", seed=seed, eps=eps,
+                                          target=target)
         logger.info("%s: %d target blocks (gaps %s)", name, len(targets), sorted(set(targets.gaps.tolist())))
     return out
 
@@ -78,15 +85,23 @@ def _batch(batchdata: dict[str, Any], device: torch.device) -> tuple[torch.Tenso
             batchdata[VARIANCE].to(device))
 
 
+def _truth_voxels(batchdata: dict[str, Any], valid: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Error labels ``(B, width, H, W)`` and the mask of valid voxels of blocks with a true mask."""
+    error = batchdata[ERROR][:, :width]
+    has_truth = torch.as_tensor(batchdata[HAS_TRUTH]).reshape(-1, 1).to(valid.device)
+    return error, (valid & has_truth)[..., None, None].expand(error.shape).cpu()
+
+
 class NeuralProcessTrainer(SupervisedTrainer):
-    """``SupervisedTrainer`` with the neural-process iteration. Extra argument: ``beta`` (weight of the KL term).
+    """``SupervisedTrainer`` with the neural-process iteration. Extra arguments: ``beta`` (weight of the KL term)
+    and ``likelihood`` (of the reconstruction term, :func:`~due_ext.uncertainty.model.neural_process_loss`).
     A dataset with ``set_epoch`` gets the epoch number at each epoch start (its augmentation stream)."""
 
-    def __init__(self, *args: Any, beta: float = 1.0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, beta: float = 1.0, likelihood: str = "laplace", **kwargs: Any) -> None:
         kwargs.setdefault("decollate", False)
         kwargs.setdefault("loss_function", neural_process_loss)
         super().__init__(*args, **kwargs)
-        self.beta = float(beta)
+        self.beta, self.likelihood = float(beta), likelihood
         dataset = getattr(self.data_loader, "dataset", None)
         if hasattr(dataset, "set_epoch"):
             self.add_event_handler(Events.EPOCH_STARTED, lambda engine: dataset.set_epoch(engine.state.epoch))
@@ -96,7 +111,7 @@ class NeuralProcessTrainer(SupervisedTrainer):
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         output = engine.network(lower, upper, gaps, target)
-        losses = neural_process_loss(output, target, beta=engine.beta)
+        losses = neural_process_loss(output, target, beta=engine.beta, likelihood=engine.likelihood)
         engine.state.output = {k: v.detach() for k, v in losses.items()}
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
@@ -112,8 +127,9 @@ class NeuralProcessTrainer(SupervisedTrainer):
 
 class NeuralProcessValidator(SupervisedEvaluator):
     """Deterministic prediction (prior mean) on validation blocks. ``engine.state.output``: ``l1`` (per-batch
-    mean absolute error of ``log(var + eps)``), ``pred`` and ``target`` (variances of the valid voxels, 1-D).
-    Default metrics: key ``val_spearman`` (higher is better) and ``val_l1``."""
+    mean absolute error of ``log(var + eps)``), ``pred`` and ``target`` (variances of the valid voxels, 1-D),
+    ``error_pred`` and ``error`` (the predicted variance and the error labels of the valid voxels of blocks with
+    a true mask, 1-D). Default metrics: key ``val_spearman`` (higher is better) and ``val_l1``."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("decollate", False)
@@ -131,7 +147,10 @@ class NeuralProcessValidator(SupervisedEvaluator):
         l1 = ((output.log_var - target[:, :width]).abs().mean(dim=(-2, -1)) * valid).sum() / valid.sum()
         voxels = valid[..., None, None].expand_as(output.log_var)
         predicted = (torch.exp(output.log_var) - engine.network.eps).clamp(min=0.0)
-        engine.state.output = {"l1": l1, "pred": predicted[voxels].cpu(), "target": variance[:, :width][voxels].cpu()}
+        error, known = _truth_voxels(batchdata, valid, width)
+        predicted = predicted.cpu()
+        engine.state.output = {"l1": l1, "pred": predicted[voxels.cpu()], "target": variance[:, :width][voxels].cpu(),
+                               "error_pred": predicted[known], "error": error[known]}
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         return engine.state.output
 
@@ -161,6 +180,25 @@ class SpearmanMetric(Metric):
             pred, target = pred[keep], target[keep]
         value = spearman(pred, target)
         return -1.0 if np.isnan(value) else value  # a constant prediction ranks nothing: worst, not a crash
+
+
+class ErrorAUROCMetric(SpearmanMetric):
+    """AUROC of ``output["error_pred"]`` for ``output["error"]`` (the voxels where the interpolation is wrong)
+    over all voxels of an epoch (:func:`~due_ext.metrics.prediction.roc_auc`; subsampled like
+    :class:`SpearmanMetric`); 0.5 (chance) when the epoch saw no error or only errors."""
+
+    def __init__(self, output_transform=lambda output: (output["error_pred"], output["error"]), device: str = "cpu"):
+        super().__init__(output_transform=output_transform, device=device)
+
+    def compute(self) -> float:
+        if not self._pred:
+            raise RuntimeError("ErrorAUROCMetric: no validation output was seen")
+        pred, error = np.concatenate(self._pred), np.concatenate(self._target)
+        if pred.size > SPEARMAN_MAX_VOXELS:
+            keep = np.linspace(0, pred.size - 1, SPEARMAN_MAX_VOXELS).astype(np.int64)
+            pred, error = pred[keep], error[keep]
+        value = roc_auc(error, pred)
+        return 0.5 if np.isnan(value) else value
 
 
 class LossProgressBar:
