@@ -160,10 +160,8 @@ def add_diffusion_weights(datalist: str | Path, interpolated: str | Path, output
     ``diffusion_weights/<item>.nii.gz`` and ``datalist.json`` (last) into ``output_dir``; returns the datalist's
     path. Derived in units like the upstream bundles (:mod:`due_ext.data.shards`), so it resumes and shards."""
     from due_ext.data import schema
-    from due_ext.data.annotated_items import collect_annotated_items
-    from due_ext.data.datalist import write_datalist
+    from due_ext.data.annotated_items import collect_annotated_items, derive_datalist
     from due_ext.data.nifti import read_nifti, write_nifti
-    from due_ext.data.shards import barrier, current_shard, derive_in_units
     from due_ext.uncertainty.weights import uncertainty_weights
 
     output_dir = Path(output_dir)
@@ -184,15 +182,7 @@ def add_diffusion_weights(datalist: str | Path, interpolated: str | Path, output
             entries.append({schema.DIFFUSION_WEIGHTS: str(Path(path).resolve())})
         return entries
 
-    shard = current_shard()
-    entries = derive_in_units([item.name for item in todo], map_unit, output_dir / "units", shard)
-    destination = output_dir / "datalist.json"
-    if entries is not None:
-        for item, entry in zip(todo, entries, strict=True):
-            item.entry.update(entry)
-        write_datalist(destination, payload)
-    barrier(shard)
-    return str(destination)
+    return str(derive_datalist(payload, todo, map_unit, output_dir))
 
 
 def derive_method_keys(datalist: str, sections: tuple[str, ...] = ("training", "validation"),
@@ -205,9 +195,10 @@ def derive_method_keys(datalist: str, sections: tuple[str, ...] = ("training", "
 
     folder = derived_folder(datalist, sections)
     step = folder / ("diffusion-weights" if normalization == "block" else f"diffusion-weights-{normalization}")
+    # first the upstream steps: they verify (and re-derive) their own files, which this step's datalist names too
+    uncertain = derive_uncertainty_keys(datalist, sections, normalization)
     if (step / "datalist.json").is_file() and not broken_receipts(step / "units"):
         return str(step / "datalist.json")
-    uncertain = derive_uncertainty_keys(datalist, sections, normalization)
     return add_diffusion_weights(uncertain, folder / "interpolator" / "datalist.json", step, sections,
                                  normalization)
 
