@@ -101,6 +101,12 @@ def test_evaluate_uncertainty_library():
     predictor = NeuralProcessUncertainty(features=(8, 8), latent_dim=4, embed_dim=8, norm_groups=4, crop_size=16)
     with torch.no_grad():
         predictor.head.weight.normal_(0, 0.5)  # untrained heads are constant; give the ranking something to rank
+        # MONAI zero-initialises the UNet's output conv and residual branches' last convs: untrained, it predicts
+        # 0 whatever the noise, so every repeat is the same fill and the diffusion variance is exactly 0 (its
+        # Spearman with anything is nan); only float rounding of one build made it non-zero before
+        for p in interpolator.parameters():
+            if p.dim() > 1 and not p.any():
+                torch.nn.init.normal_(p, std=0.1)
     results = evaluate_uncertainty(tiny_masks(), predictor, interpolator, every_k=(2, 3),
                                    settings=SamplerSettings(steps=1, repeats=2))
     assert set(results["per_k"]) == {"2", "3"}
