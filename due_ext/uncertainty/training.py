@@ -171,14 +171,18 @@ class SpearmanMetric(Metric):
         self._pred.append(pred.detach().float().cpu().numpy().ravel())
         self._target.append(target.detach().float().cpu().numpy().ravel())
 
-    def compute(self) -> float:
+    def _epoch_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's predictions and targets, evenly subsampled to at most ``SPEARMAN_MAX_VOXELS`` voxels."""
         if not self._pred:
-            raise RuntimeError("SpearmanMetric: no validation output was seen")
+            raise RuntimeError(f"{type(self).__name__}: no validation output was seen")
         pred, target = np.concatenate(self._pred), np.concatenate(self._target)
         if pred.size > SPEARMAN_MAX_VOXELS:
             keep = np.linspace(0, pred.size - 1, SPEARMAN_MAX_VOXELS).astype(np.int64)
             pred, target = pred[keep], target[keep]
-        value = spearman(pred, target)
+        return pred, target
+
+    def compute(self) -> float:
+        value = spearman(*self._epoch_arrays())
         return -1.0 if np.isnan(value) else value  # a constant prediction ranks nothing: worst, not a crash
 
 
@@ -191,12 +195,7 @@ class ErrorAUROCMetric(SpearmanMetric):
         super().__init__(output_transform=output_transform, device=device)
 
     def compute(self) -> float:
-        if not self._pred:
-            raise RuntimeError("ErrorAUROCMetric: no validation output was seen")
-        pred, error = np.concatenate(self._pred), np.concatenate(self._target)
-        if pred.size > SPEARMAN_MAX_VOXELS:
-            keep = np.linspace(0, pred.size - 1, SPEARMAN_MAX_VOXELS).astype(np.int64)
-            pred, error = pred[keep], error[keep]
+        pred, error = self._epoch_arrays()
         value = roc_auc(error, pred)
         return 0.5 if np.isnan(value) else value
 
