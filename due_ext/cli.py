@@ -246,6 +246,23 @@ class ExperimentCommands:
 
         print(experiment_table(out, section=section))
 
+    def paired(self, out: str, reference: str = "baseline_plus", section: str = "test") -> None:
+        """Print, per method, the seed-by-seed differences against REFERENCE on ROC-AUC, IoU, energy pointing
+        and mask AUROC: mean [95 % bootstrap interval] (seeds above / seeds), x100.
+
+        Args:
+            out: the folder `experiment run` wrote.
+            reference: the method every other is compared with (same seed, same training-set size).
+            section: the test split or one of the experiment's extra_sections.
+        """
+        from due_ext.experiments.paired import experiment_paired_table
+
+        try:
+            print(experiment_paired_table(out, reference=reference, section=section))
+        except ValueError as err:  # e.g. the reference method has no finished row
+            print(f"error: {out}: {err}", file=sys.stderr)
+            sys.exit(2)
+
     def figures(self, out: str, figures_dir: str | None = None) -> None:
         """Write the paper-style figures of the experiment folder OUT: metric vs training-set size (Fig. 3),
         Grad-CAM per method on the same test cases (Fig. 4), IoU/F1 vs threshold (Fig. 5), metric vs lambda

@@ -29,7 +29,9 @@ LOCALISATION_COLUMNS = (("Pointing", "explanation", "pointing_game"),
 #: The floors' display names, in table order; their rows fill the columns the floor records (IoU, F1, localisation).
 FLOOR_NAMES = {"gaussian_blob": "floor: centred Gaussian blob", "initial_cam": "floor: Grad-CAM at initialisation"}
 #: Display names as the paper writes them.
-METHOD_NAMES = {"baseline": "Baseline", "baseline_plus": "Baseline+", "due": "DUE", "gradia": "GRADIA",
+METHOD_NAMES = {"baseline": "Baseline", "baseline_plus": "Baseline+", "sdf_fill": "SDF fill (w = 1)",
+                "diffusion_fill": "Diffusion fill (w = 1)", "due": "DUE",
+                "due_diffusion_variance": "DUE, diffusion-variance w", "gradia": "GRADIA",
                 "haics": "HAICS", "res_g": "RES-G", "rrr": "RRR", "exbl": "eXBL"}
 
 
