@@ -39,7 +39,8 @@ def bundle_root(name: str) -> str:
 
 def demo_datalist(name: str = "lung-ct", seed: int = 0, size: str | None = None, n_pos: int | None = None,
                   n_neg: int | None = None, every_k: int | None = None, root: str | None = None,
-                  val_fraction: float | None = None) -> str:
+                  val_fraction: float | None = None, margin: list[float] | None = None,
+                  jitter: float | None = None) -> str:
     """Path of the ``datalist.json`` of a demo dataset built with these parameters (built on first use).
 
     The dataset lives in ``<cache>/datasets/<name>-<hash of the parameters>`` (``root`` overrides the
@@ -52,6 +53,10 @@ def demo_datalist(name: str = "lung-ct", seed: int = 0, size: str | None = None,
               "version": builder_module(name).DATASET_VERSION}
     if val_fraction is not None:  # only when given: the folders of datasets built before the option keep their key
         params["val_fraction"] = float(val_fraction)
+    if margin is not None:
+        params["margin"] = [float(v) for v in margin]
+    if jitter is not None:
+        params["jitter"] = float(jitter)
     if root is None:
         digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
         folder = cache_dir() / "datasets" / f"{name}-{digest}"
@@ -61,7 +66,7 @@ def demo_datalist(name: str = "lung-ct", seed: int = 0, size: str | None = None,
     if not datalist.is_file():
         logger.info("building the %s demo dataset into %s", name, folder)
         print(build_dataset(name, folder, n_pos=n_pos, n_neg=n_neg, size=size, every_k=every_k, seed=seed,
-                            val_fraction=val_fraction))
+                            val_fraction=val_fraction, margin=margin, jitter=jitter))
     return str(datalist)
 
 

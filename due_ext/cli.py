@@ -18,7 +18,8 @@ class DataCommands:
 
     def build(self, name: str, out: str, n_pos: int | None = None, n_neg: int | None = None,
               size: str | None = None, every_k: int | None = None, seed: int = 0,
-              preview: bool = False, val_fraction: float | None = None) -> None:
+              preview: bool = False, val_fraction: float | None = None, margin: tuple[float, float] | None = None,
+              jitter: float | None = None) -> None:
         """Build a dataset of NIfTI volumes and a Decathlon-style datalist.json in OUT.
 
         Args:
@@ -33,11 +34,14 @@ class DataCommands:
             seed: random seed; the same seed gives the same dataset.
             preview: also write preview.png (positives and negatives, annotated slices outlined).
             val_fraction: share of each class in validation, taken from training ("bounded" only; 0.25).
+            margin: "LOW,HIGH", range of the crop extent over the lesion box ("bounded" only; 1.2,2.0).
+            jitter: largest shift of the crop centre, fraction of the free room per side ("bounded" only; 0.5).
         """
         from due_ext.data.builders import build_dataset
 
         summary = build_dataset(name, out, n_pos=n_pos, n_neg=n_neg, size=size, every_k=every_k,
-                                seed=seed, preview=preview, val_fraction=val_fraction)
+                                seed=seed, preview=preview, val_fraction=val_fraction, margin=margin,
+                                jitter=jitter)
         print(summary)
 
     def check(self, datalist: str, dataset_dir: str | None = None) -> None:

@@ -131,6 +131,35 @@ def test_every_k_keeps_fewer_acquired_slices(tmp_path, bounded):
         assert sparse["annotated_slices"] == sorted(set(kept) | {dense["annotated_slices"][-1]})
 
 
+def test_margin_and_jitter_move_the_lesion_off_the_centre(tmp_path, bounded):
+    wide = Path(build_dataset("bounded", tmp_path / "wide", n_pos=6, n_neg=7, size=SIZE, every_k=1, seed=0,
+                              margin=(2.5, 2.5), jitter=1.0).datalist)
+
+    def offsets_and_spans(path: Path) -> tuple[np.ndarray, np.ndarray]:
+        offsets, spans = [], []
+        for item in _items(path, "training", 1) + _items(path, "test", 1):
+            where = np.argwhere(read_nifti(path.parent / item["mask"])[0] > 0)
+            offsets.append(np.abs(where.mean(axis=0) - (np.asarray(SIZE) - 1) / 2) / np.asarray(SIZE))
+            spans.append((where.max(axis=0) - where.min(axis=0) + 1) / np.asarray(SIZE))
+        return np.asarray(offsets), np.asarray(spans)
+
+    default_offsets, _ = offsets_and_spans(bounded)
+    offsets, spans = offsets_and_spans(wide)
+    # extent = 2.5 x the box: the lesion spans 1/2.5 of every axis, give or take a voxel at each end
+    assert np.all(np.abs(spans - 1 / 2.5) <= 2 / np.asarray(SIZE)), spans
+    # jitter 0.5 keeps the centre within a quarter of the free room; jitter 1 with more room moves it further
+    assert offsets.mean() > 1.5 * default_offsets.mean(), (offsets.mean(), default_offsets.mean())
+    assert json.loads(wide.read_text())["builder"]["parameters"]["margin"] == [2.5, 2.5]
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("bounded", {"margin": (0.9, 2.0)}, "margin"), ("bounded", {"margin": (2.0, 1.5)}, "margin"),
+    ("bounded", {"jitter": 1.5}, "jitter"), ("phantom", {"jitter": 0.5}, "bounded builder only")])
+def test_bad_placement_options_are_rejected(tmp_path, name, options, message):
+    with pytest.raises(ValueError, match=message):
+        build_dataset(name, tmp_path / "bad", n_pos=6, n_neg=7, size=SIZE, **options)
+
+
 def test_demo_datalist_builds_the_bounded_set(tmp_path, bounded):
     from due_ext.bundles import demo_datalist
 

@@ -36,7 +36,8 @@ TOP_KEYS = ("name", "description", "dataset", "datalist", "grid", "overrides", "
 #: Mappings of the variance to DUE's loss weights (:func:`due_ext.uncertainty.weights.uncertainty_weights`).
 WEIGHT_NORMALIZATIONS = ("block", "volume", "absolute")
 #: Keys of ``dataset``: the arguments of :func:`due_ext.bundles.demo_datalist`.
-DATASET_KEYS = ("every_k", "n_neg", "n_pos", "name", "root", "seed", "size", "val_fraction")
+DATASET_KEYS = ("every_k", "jitter", "margin", "n_neg", "n_pos", "name", "root", "seed", "size",
+                "val_fraction")
 #: Keys the runner sets per cell; an experiment may not override them.
 RESERVED_OVERRIDES = ("method", "seed", "lam", "datalist", "output_dir", "ckpt_dir", "bundle_root")
 

@@ -35,7 +35,8 @@ def builder_module(name: str) -> ModuleType:
 
 def build_dataset(name: str, out: str | os.PathLike, n_pos: int | None = None, n_neg: int | None = None,
                   size: str | tuple[int, int, int] | None = None, every_k: int | None = None, seed: int = 0,
-                  preview: bool = False, val_fraction: float | None = None) -> BuildSummary:
+                  preview: bool = False, val_fraction: float | None = None,
+                  margin: tuple[float, float] | None = None, jitter: float | None = None) -> BuildSummary:
     """Build dataset ``name`` into ``out``; ``None`` arguments take the builder's defaults.
 
     Args:
@@ -47,6 +48,8 @@ def build_dataset(name: str, out: str | os.PathLike, n_pos: int | None = None, n
         seed: the same seed gives identical arrays.
         preview: also write ``preview.png`` next to the datalist.
         val_fraction: share of each class in validation, taken from training (``bounded`` only; default 0.25).
+        margin, jitter: crop extent range over the lesion box and largest centre shift (``bounded`` only;
+            defaults (1.2, 2.0) and 0.5).
 
     Returns:
         A :class:`~due_ext.data.builders.output.BuildSummary`; ``str()`` of it is a readable description.
@@ -56,11 +59,13 @@ def build_dataset(name: str, out: str | os.PathLike, n_pos: int | None = None, n
     for label, value in (("n_pos", n_pos), ("n_neg", n_neg), ("every_k", every_k)):
         if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
             raise ValueError(f"{label} must be a positive integer, got {value!r}")
-    extra = {}
-    if val_fraction is not None:
+    extra: dict = {}
+    for option, value in (("val_fraction", val_fraction), ("margin", margin), ("jitter", jitter)):
+        if value is None:
+            continue
         if name != "bounded":
-            raise ValueError(f"val_fraction is an option of the bounded builder only, not of {name!r}")
-        extra["val_fraction"] = float(val_fraction)
+            raise ValueError(f"{option} is an option of the bounded builder only, not of {name!r}")
+        extra[option] = tuple(float(v) for v in value) if option == "margin" else float(value)
     summary = builder(
         out,
         n_pos=module.DEFAULT_N_POS if n_pos is None else int(n_pos),

@@ -124,8 +124,10 @@ def lesion_box(shape: LesionShape) -> tuple[np.ndarray, np.ndarray]:
     return low, high
 
 
-def random_geometry(rng: np.random.Generator) -> Geometry:
-    """Steps 1-2 of the module docstring, without the site: a lesion, a margin and a jittered crop."""
+def random_geometry(rng: np.random.Generator, margin: tuple[float, float] = MARGIN,
+                    jitter: float = JITTER) -> Geometry:
+    """Steps 1-2 of the module docstring, without the site: a lesion, a margin in ``margin`` and a crop whose
+    centre moves from the box's by up to ``jitter`` of the free room on each side."""
     diameter = rng.uniform(*LESION_DIAMETER_MM)
     shape = random_lesion_shape(rng, diameter, (0.0, 0.0, 0.0), elongation=(0.6, 1.0),
                                 lobulated_probability=LOBULATED_PROBABILITY,
@@ -136,9 +138,9 @@ def random_geometry(rng: np.random.Generator) -> Geometry:
     scale = diameter / float((high - low).max())
     shape = dataclasses.replace(shape, radii_mm=tuple(r * scale for r in shape.radii_mm))
     low, high = low * scale, high * scale
-    extent = rng.uniform(*MARGIN) * (high - low)
+    extent = rng.uniform(*margin) * (high - low)
     room = 0.5 * (extent - (high - low))
-    shift = rng.uniform(-1.0, 1.0, size=3) * JITTER * room
+    shift = rng.uniform(-1.0, 1.0, size=3) * jitter * room
     centre = 0.5 * (low + high) + shift
     return Geometry(shape, extent, centre - 0.5 * extent)
 
@@ -234,11 +236,11 @@ def annotated_slices(mask: np.ndarray, candidates: list[int], every_k: int) -> l
 
 
 def _positive(rng: np.random.Generator, region: Region, size: tuple[int, int, int], every_k: int,
-              acquired_mm: float):
+              acquired_mm: float, margin: tuple[float, float] = MARGIN, jitter: float = JITTER):
     """One positive: ``(image, mask, slices, start_mm, geometry)``; redraws until a lesion fits and is annotated."""
     ct = region.ct
     for _ in range(100):
-        geometry = random_geometry(rng)
+        geometry = random_geometry(rng, margin, jitter)
         centre = _place(rng, region, geometry)
         if centre is None:
             continue
@@ -268,10 +270,19 @@ def _item_extra(ct: ChestCT, start: np.ndarray, extent: np.ndarray) -> dict:
 
 def build_bounded(out: str | os.PathLike, n_pos: int = DEFAULT_N_POS, n_neg: int = DEFAULT_N_NEG,
                   size: tuple[int, int, int] = DEFAULT_SIZE, every_k: int = DEFAULT_EVERY_K,
-                  seed: int = 0, val_fraction: float = 0.25) -> BuildSummary:
+                  seed: int = 0, val_fraction: float = 0.25, margin: tuple[float, float] = MARGIN,
+                  jitter: float = JITTER) -> BuildSummary:
     """Build the lesion-bounded dataset into ``out`` (see the module docstring); downloads the CTs on first use.
-    ``val_fraction``: share of each class in validation (taken from training; the test share stays 25 %)."""
+    ``val_fraction``: share of each class in validation (taken from training; the test share stays 25 %).
+    ``margin``: range of the crop extent over the lesion box; ``jitter``: largest shift of the crop centre, as a
+    fraction of the free room on each side (1: the lesion may touch a face). Larger values take the lesion away
+    from the centre, where a centred prior scores nothing (``experiments/README.md``, the decentred set)."""
     started = time.perf_counter()
+    margin = (float(margin[0]), float(margin[1]))
+    if not 1.0 <= margin[0] <= margin[1]:
+        raise ValueError(f"margin must be (low, high) with 1 <= low <= high, got {margin}")
+    if not 0.0 <= jitter <= 1.0:
+        raise ValueError(f"jitter must be in [0, 1], got {jitter}")
     size = tuple(int(s) for s in size)
     pos_counts = split_counts(n_pos, "positives", val_fraction)
     neg_counts = split_counts(n_neg, "negatives", val_fraction)
@@ -286,7 +297,8 @@ def build_bounded(out: str | os.PathLike, n_pos: int = DEFAULT_N_POS, n_neg: int
             geometries = []
             for index in range(pos_counts[section]):
                 rng = np.random.default_rng([seed, SECTIONS.index(section), 1, index])
-                image, mask, slices, start, geometry = _positive(rng, region, size, every_k, acquired[ct.name])
+                image, mask, slices, start, geometry = _positive(rng, region, size, every_k, acquired[ct.name],
+                                                                 margin, jitter)
                 staged.add_item(section, f"{section}_pos_{index:03d}", hu_to_unit(image),
                                 crop_affine(ct, start, geometry.extent_mm, size), 1, mask=mask,
                                 annotated_slices=slices, extra=_item_extra(ct, start, geometry.extent_mm))
@@ -295,7 +307,7 @@ def build_bounded(out: str | os.PathLike, n_pos: int = DEFAULT_N_POS, n_neg: int
             for index in range(neg_counts[section]):
                 rng = np.random.default_rng([seed, SECTIONS.index(section), 0, index])
                 for _ in range(100):
-                    geometry = geometries[index] if index < len(geometries) else random_geometry(rng)
+                    geometry = geometries[index] if index < len(geometries) else random_geometry(rng, margin, jitter)
                     centre = _place(rng, region, geometry)
                     if centre is not None:
                         break
@@ -325,7 +337,7 @@ def build_bounded(out: str | os.PathLike, n_pos: int = DEFAULT_N_POS, n_neg: int
                       "val_fraction": val_fraction,
                       "source_spacing_mm": list(SPACING), "acquired_slice_mm": acquired,
                       "hu_window": list(HU_WINDOW), "lesion_diameter_mm": list(LESION_DIAMETER_MM),
-                      "lesion_hu": list(NODULE_HU), "margin": list(MARGIN), "jitter": JITTER,
+                      "lesion_hu": list(NODULE_HU), "margin": list(margin), "jitter": jitter,
                       "lobulated_probability": LOBULATED_PROBABILITY,
                       "spiculated_probability": SPICULATED_PROBABILITY,
                       "source": f"pyradiomics=={PYRADIOMICS_VERSION} sdist, data/lung1 and data/lung2"}
