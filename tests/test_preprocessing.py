@@ -21,6 +21,7 @@ from due_ext.data.axes import foreground_slices
 from due_ext.data.nifti import write_nifti
 from due_ext.data.preprocessing import (
     PlaceSparseSlicesd,
+    cam_on_input_grid,
     cams_on_input_grid,
     intensity_transform,
     preprocessing_transforms,
@@ -284,6 +285,30 @@ def test_cam_goes_back_to_the_input_shape_and_affine(tmp_path, size_mode):
     np.testing.assert_allclose(on_input.affine.numpy(), _raw_affine(), atol=1e-5)
     if size_mode == "resample":  # a constant map stays constant through every linear resampling
         torch.testing.assert_close(on_input.as_tensor(), torch.full(RAW_SHAPE, 0.5))
+
+
+def test_in_memory_chain_matches_the_file_chain_and_maps_back_the_same(tmp_path):
+    # MONAI Deploy hands the bundle operator the loaded (X, Y, Z) array with its affine, not a path
+    rng = np.random.default_rng(0)
+    volume = rng.uniform(-1000, 400, RAW_SHAPE)
+    item = _write_case(tmp_path, volume, _raw_affine())
+    profile = {"size": [16, 16, 8], "orientation": "RAS", "spacing": [1.4, 1.4, 2.5], "intensity": {"ct": [-1000, 400]}}
+    from_file = preprocessing_transforms(["image"], **profile)
+    in_memory = preprocessing_transforms(["image"], loaded=True, **profile)
+    loaded = MetaTensor(torch.as_tensor(volume, dtype=torch.float32), affine=torch.as_tensor(_raw_affine()))
+    ours, theirs = in_memory({"image": loaded})["image"], from_file(dict(item))["image"]
+    torch.testing.assert_close(ours.as_tensor(), theirs.as_tensor(), atol=1e-5, rtol=0)
+    cam = torch.rand(16, 16, 8)
+    back = cam_on_input_grid(cam, ours, in_memory)
+    [reference] = cams_on_input_grid(cam[None], list_data_collate([{"image": theirs}])["image"], from_file)
+    assert back.shape == RAW_SHAPE
+    np.testing.assert_allclose(back.affine.numpy(), _raw_affine(), atol=1e-5)
+    torch.testing.assert_close(back.as_tensor(), reference.as_tensor(), atol=1e-5, rtol=0)
+
+
+def test_cam_on_input_grid_needs_the_preprocessed_metatensor():
+    with pytest.raises(ValueError, match="preprocessed MetaTensor"):
+        cam_on_input_grid(torch.rand(4, 4, 4), torch.rand(1, 4, 4, 4), preprocessing_transforms(["image"]))
 
 
 def test_cam_peak_lands_on_the_same_world_point(tmp_path):

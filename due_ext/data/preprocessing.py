@@ -48,6 +48,7 @@ from monai.data import MetaTensor, decollate_batch
 from monai.transforms import (
     Compose,
     DeleteItemsd,
+    EnsureChannelFirstd,
     EnsureTyped,
     Invertd,
     InvertibleTransform,
@@ -202,7 +203,7 @@ def intensity_transform(intensity: Mapping[str, Sequence[float]] | None,
 def preprocessing_transforms(keys: Sequence[str], size: Sequence[int] | str | None = None,
                              orientation: str | None = None, spacing: Sequence[float] | None = None,
                              intensity: Mapping[str, Sequence[float]] | None = None, size_mode: str = "resample",
-                             keep_slices: bool = False) -> Compose:
+                             keep_slices: bool = False, loaded: bool = False) -> Compose:
     """The preprocessing chain of DUE items (see the module docstring for the steps and their order).
 
     Args:
@@ -215,6 +216,9 @@ def preprocessing_transforms(keys: Sequence[str], size: Sequence[int] | str | No
         size_mode: ``"resample"`` (resize to ``size``) or ``"crop_or_pad"`` (centre crop or pad to ``size``,
             voxel size kept).
         keep_slices: keep ``annotated_slices`` (batch size 1 or custom collation).
+        loaded: the volumes arrive in memory as channel-less ``(X, Y, Z)`` MetaTensors carrying their affine
+            (MONAI Deploy hands the operator the array it loaded), not as file paths: the chain then starts
+            with ``EnsureChannelFirstd`` instead of ``LoadImaged``; every other step is the same.
     """
     keys = list(keys)
     if not keys or keys[0] != schema.IMAGE:
@@ -234,8 +238,10 @@ def preprocessing_transforms(keys: Sequence[str], size: Sequence[int] | str | No
     if sparse:
         fill_keys.insert(fill_keys.index(schema.ANNOTATION) + 1, ANNOTATED_MASK)
 
+    entry = (EnsureChannelFirstd(keys, channel_dim="no_channel", allow_missing_keys=True) if loaded
+             else LoadImaged(keys, ensure_channel_first=True, image_only=True, allow_missing_keys=True))
     transforms: list[Any] = [
-        LoadImaged(keys, ensure_channel_first=True, image_only=True, allow_missing_keys=True),
+        entry,
         EnsureTyped(keys, dtype=torch.float32, allow_missing_keys=True),
         EnsureTyped(schema.LABEL, dtype=torch.long, track_meta=False, allow_missing_keys=True),
     ]
@@ -291,17 +297,24 @@ def cams_on_input_grid(cam: torch.Tensor, image: MetaTensor, transform: Compose,
         raise ValueError("cams_on_input_grid: the image must be the preprocessed MetaTensor batch (its applied "
                          "operations say how to go back to the input grid)")
     items = decollate_batch(image.detach().cpu())
+    return [cam_on_input_grid(item_cam, item, transform, image_key)
+            for item, item_cam in zip(items, cam.detach().float().cpu(), strict=True)]
+
+
+def cam_on_input_grid(cam: torch.Tensor, image: MetaTensor, transform: Compose,
+                      image_key: str = schema.IMAGE) -> MetaTensor:
+    """One item's Grad-CAM ``(X, Y, Z)`` on its input's grid: :func:`cams_on_input_grid` for an unbatched
+    preprocessed ``image`` ``(1, X, Y, Z)`` (what MONAI Deploy's bundle operator keeps of its input)."""
+    if not isinstance(image, MetaTensor):
+        raise ValueError("cam_on_input_grid: the image must be the preprocessed MetaTensor (its applied "
+                         "operations say how to go back to the input grid)")
+    cam = cam.detach().float().cpu()
     if not any(isinstance(t, InvertibleTransform) for t in transform.flatten().transforms):
-        # nothing moved the image off its input grid (and MONAI would warn on every batch that there is nothing
-        # to invert): the CAM is already on it
-        return [MetaTensor(c, affine=item.affine) for item, c in zip(items, cam.detach().float().cpu(), strict=True)]
+        # nothing moved the image off its input grid (and MONAI would warn that there is nothing to invert)
+        return MetaTensor(cam, affine=image.affine)
     inverter = Invertd("cam", transform=transform, orig_keys=image_key, nearest_interp=False)
-    out = []
-    for item, item_cam in zip(items, cam.detach().float().cpu(), strict=True):
-        # a MetaTensor: Invertd looks for the plain-tensor trace key otherwise
-        inverted = inverter({image_key: item, "cam": MetaTensor(item_cam[None])})["cam"]
-        out.append(inverted[0])
-    return out
+    # a MetaTensor: Invertd looks for the plain-tensor trace key otherwise
+    return inverter({image_key: image.detach().cpu(), "cam": MetaTensor(cam[None])})["cam"][0]
 
 
 __all__ = [
@@ -309,6 +322,7 @@ __all__ = [
     "SIZE_MODES",
     "PlaceSparseSlicesd",
     "SlicesFromMaskd",
+    "cam_on_input_grid",
     "cams_on_input_grid",
     "intensity_transform",
     "preprocessing_transforms",
