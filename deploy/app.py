@@ -7,6 +7,14 @@
   model-zoo zip is not a model the SDK can load, and the operator needs ``scripts/`` on ``sys.path``);
 - ``OUTPUT``: ``predictions.json`` (``{stem: {"file", "probabilities": {"no_lesion", "lesion"}, "predicted"}}``,
   the format of the bundle's own inference) and ``<stem>_gradcam.nii.gz`` per volume, on the input's grid.
+- ``DUE_DEPLOY_PROFILE`` (environment, optional): a profile config of the bundle read after
+  ``configs/inference.json``, e.g. ``raw_ct`` for raw CT scans (orientation, spacing, HU window, input size);
+  the same keys the bundle's own ``monai.bundle run --config_file "['configs/inference.json', ...]"`` takes.
+
+Every volume goes through the bundle's own preprocessing chain (``deploy#preprocessing``: the chain of
+``inference.json`` entered with the loaded array instead of a path), and its Grad-CAM is mapped back through that
+chain onto the input's own grid (``scripts.due_ext.data.preprocessing.cam_on_input_grid``), as the bundle's own
+inference does.
 
 Graph: :class:`NiftiVolumeLoader` -> :class:`DueBundleInferenceOperator` (the SDK's
 ``MonaiBundleInferenceOperator``: parses the bundle's ``configs/inference.json`` and ``metadata.json``, builds
@@ -26,7 +34,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from holoscan.conditions import CountCondition
-from monai.deploy.core import AppContext, Application, Fragment, IOType, Operator, OperatorSpec
+from monai.deploy.core import AppContext, Application, Fragment, Image, IOType, Operator, OperatorSpec
 from monai.deploy.operators.monai_bundle_inference_operator import (
     BundleConfigNames,
     IOMapping,
@@ -34,6 +42,8 @@ from monai.deploy.operators.monai_bundle_inference_operator import (
 )
 
 CLASS_NAMES = ("no_lesion", "lesion")
+#: environment variable naming a profile config of the bundle, read after ``inference`` (e.g. ``raw_ct``)
+PROFILE_VARIABLE = "DUE_DEPLOY_PROFILE"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
@@ -58,8 +68,9 @@ def nifti_inputs(path: str | os.PathLike) -> list[Path]:
 
 
 class NiftiVolumeLoader(Operator):
-    """Emits one volume per call: ``image`` = the ``(X, Y, Z)`` float32 array as stored, ``meta`` = its path and
-    affine (the SDK's ``NiftiDataLoader`` drops the affine, which the Grad-CAM volume needs)."""
+    """Emits one volume per call: ``image`` = an SDK ``Image`` of the ``(X, Y, Z)`` float32 array as stored with
+    its affine in the metadata (the bundle operator makes a MetaTensor of it, which orientation and spacing need),
+    ``meta`` = its path and affine (the SDK's ``NiftiDataLoader`` drops the affine)."""
 
     def __init__(self, fragment: Fragment, *args: Any, files: list[Path], **kwargs: Any) -> None:
         self.files = list(files)
@@ -77,7 +88,13 @@ class NiftiVolumeLoader(Operator):
         image = np.asarray(volume.dataobj, dtype=np.float32)
         if image.ndim != 3:
             raise ValueError(f"{path}: expected a 3D volume, got shape {image.shape}")
-        op_output.emit(image, "image")
+        affine = np.asarray(volume.affine, dtype=np.float64)
+        # "spacing" and "original_affine" present: the SDK keeps this metadata as it is (not a DICOM conversion)
+        metadata = {"affine": affine, "original_affine": affine.copy(),
+                    "spacing": np.asarray(volume.header.get_zooms()[:3]), "spatial_shape": np.asarray(image.shape),
+                    "original_channel_dim": "no_channel",
+                    "filename_or_obj": str(path)}
+        op_output.emit(Image(image, metadata=metadata), "image")
         op_output.emit({"path": str(path), "affine": volume.affine}, "meta")
 
 
@@ -85,7 +102,7 @@ class DueBundleInferenceOperator(MonaiBundleInferenceOperator):
     """The SDK's bundle operator with DUE's prediction: class probabilities and the Grad-CAM of the predicted
     class, computed by the bundle's own (vendored) ``scripts.due_ext.explain`` code.
 
-    Two things differ from the base class, and why:
+    Three things differ from the base class, and why:
 
     - ``predict``: the network returns logits; the Grad-CAM needs the target layer's features (the layer the
       bundle's evaluator explains) from the same forward pass, so prediction is one call of
@@ -93,6 +110,9 @@ class DueBundleInferenceOperator(MonaiBundleInferenceOperator):
     - ``_send_output``: the base turns a ``probabilities`` output into names with ``channel_def[int(p)]``,
       which names every soft probability "no lesion"; and an ``image`` output into uint8, which would
       destroy a [0, 1] map. We emit the probabilities and the float32 map as they are.
+    - ``post_process``: the Grad-CAM is computed on the network's grid; it goes back through the bundle's
+      preprocessing chain onto the input's grid (the base would apply the bundle's postprocessing, which
+      describes the network's logits, not the map).
     """
 
     _eager_network: torch.nn.Module | None = None
@@ -131,6 +151,12 @@ class DueBundleInferenceOperator(MonaiBundleInferenceOperator):
         probabilities = torch.softmax(found.logits.detach().float(), dim=1)
         # a one-element list: the base class keeps only element 0 of a tuple/list and iterates a dict's keys
         return [{"pred": probabilities[0], "cam": cam[0]}]
+
+    def post_process(self, data: Any, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        from scripts.due_ext.data.preprocessing import cam_on_input_grid
+
+        preprocessed = kwargs[self.kw_preprocessed_inputs]["image"]  # (1, X, Y, Z), its applied operations kept
+        return {"pred": data["pred"], "cam": cam_on_input_grid(data["cam"], preprocessed, self._preproc).as_tensor()}
 
     def _send_output(self, value: Any, name: str, metadata: dict, op_output, context) -> None:
         op_output.emit(value.detach().cpu().numpy().astype(np.float32), name)
@@ -179,16 +205,22 @@ class DueDeployApp(Application):
                 f"{bundle}: not an exported DUE bundle folder (configs/inference.json missing); "
                 "export it with `python -m due_ext bundle export due --out DIR`"
             )
+        config_names = ["inference"]
+        profile = os.environ.get(PROFILE_VARIABLE)
+        if profile:
+            if not (bundle / "configs" / f"{profile}.json").is_file():
+                raise FileNotFoundError(f"{PROFILE_VARIABLE}={profile}: {bundle}/configs/{profile}.json does not exist")
+            config_names.append(profile)
         loader = NiftiVolumeLoader(self, CountCondition(self, len(files)), files=files, name="nifti_loader")
         inference = DueBundleInferenceOperator(
             self,
-            input_mapping=[IOMapping("image", np.ndarray, IOType.IN_MEMORY)],
+            input_mapping=[IOMapping("image", Image, IOType.IN_MEMORY)],
             output_mapping=[
                 IOMapping("pred", np.ndarray, IOType.IN_MEMORY),
                 IOMapping("cam", np.ndarray, IOType.IN_MEMORY),
             ],
             app_context=context,
-            bundle_config_names=BundleConfigNames(preproc_name="deploy#preprocessing", config_names=["inference"]),
+            bundle_config_names=BundleConfigNames(preproc_name="deploy#preprocessing", config_names=config_names),
             bundle_path=bundle,
             name="due_bundle_inference",
         )

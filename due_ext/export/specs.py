@@ -123,14 +123,13 @@ and `torch.jit.script` rejects {script}. The zoo lists such bundles in `ci/bundl
 """
 
 
+# The bundle's own preprocessing chain, entered with the in-memory array MONAI Deploy's operator receives
+# (deploy/app.py) instead of a path: orientation, spacing, intensity and size follow the same config keys
+# (`configs/raw_ct.json` or any profile the app is given), and the app maps the CAM back with the same chain.
 DEPLOY_SECTION = {
-    "preprocessing": {
-        "_target_": "Compose",
-        "transforms": [
-            {"_target_": "EnsureChannelFirstd", "keys": "image", "channel_dim": "no_channel"},
-            {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},
-        ],
-    }
+    "preprocessing": "$scripts.due_ext.data.transforms.load_transforms(['image'], size=@spatial_size, "
+                     "orientation=@orientation, spacing=@spacing, intensity=@intensity, size_mode=@size_mode, "
+                     "loaded=True)"
 }
 
 #: where an exported bundle's configs find ``model.pt``
@@ -149,7 +148,7 @@ SPECS: dict[str, ExportSpec] = {
                 "ckpt_dir": EXPORTED_CKPT_DIR,
             },
             # what MONAI Deploy's MonaiBundleInferenceOperator runs on the in-memory (X, Y, Z) array it
-            # receives (its loader replaces LoadImaged; deploy/app.py): channel first, float32
+            # receives (deploy/app.py): the inference chain entered without LoadImaged (DEPLOY_SECTION)
             "inference.json": {"deploy": DEPLOY_SECTION, "ckpt_dir": EXPORTED_CKPT_DIR},
         },
         weights="due/model.pt",  # what `train.json` with the default method writes
