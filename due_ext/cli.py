@@ -250,7 +250,8 @@ class ExperimentCommands:
 
         print(experiment_table(out, section=section))
 
-    def paired(self, out: str, reference: str = "baseline_plus", section: str = "test") -> None:
+    def paired(self, out: str, reference: str = "baseline_plus", section: str = "test",
+               against: str | None = None) -> None:
         """Print, per method, the seed-by-seed differences against REFERENCE on ROC-AUC, IoU, energy pointing
         and mask AUROC: mean [95 % bootstrap interval] (seeds above / seeds), x100.
 
@@ -258,11 +259,13 @@ class ExperimentCommands:
             out: the folder `experiment run` wrote.
             reference: the method every other is compared with (same seed, same training-set size).
             section: the test split or one of the experiment's extra_sections.
+            against: another experiment folder: compare each method with the same method there instead (an
+                experiment that changed one setting, e.g. the loss reading).
         """
         from due_ext.experiments.paired import experiment_paired_table
 
         try:
-            print(experiment_paired_table(out, reference=reference, section=section))
+            print(experiment_paired_table(out, reference=reference, section=section, against=against))
         except ValueError as err:  # e.g. the reference method has no finished row
             print(f"error: {out}: {err}", file=sys.stderr)
             sys.exit(2)

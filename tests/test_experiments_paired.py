@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from due_ext.experiments.paired import bootstrap_interval, paired_differences, paired_markdown
+from due_ext.experiments.paired import bootstrap_interval, paired_across, paired_differences, paired_markdown
 
 
 def _row(method: str, seed: int, roc: float, iou: float, train_size: int = 20, lam: float = 0.1) -> dict:
@@ -86,3 +86,17 @@ def test_cli_prints_the_table_and_fails_without_the_reference(tmp_path):
     assert "| SDF fill (w = 1) | +10.00 [+10.00, +10.00] (1/1)" in done.stdout
     failed = subprocess.run(run + ["--reference", "rrr"], capture_output=True, text=True)
     assert failed.returncode == 2 and "'rrr'" in failed.stderr
+
+
+def test_across_experiments_pairs_each_method_with_itself():
+    eq2 = [_row("due", s, 0.9, 0.3 + 0.1 * s) for s in range(2)] + [_row("sdf_fill", 0, 0.9, 0.5)]
+    l1 = [_row("due", s, 0.9, 0.3) for s in range(2)] + [_row("sdf_fill", 0, 0.9, 0.2), _row("baseline_plus", 0, 0, 0)]
+    entries = {e["method"]: e for e in paired_across(eq2, l1)}
+    assert set(entries) == {"due", "sdf_fill"}
+    assert entries["due"]["IoU"]["mean"] == pytest.approx(0.05) and entries["due"]["IoU"]["above"] == 1
+    assert entries["sdf_fill"]["IoU"]["mean"] == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="'sdf_fill'"):
+        paired_across(eq2, l1[:2])
+    line = next(x for x in paired_markdown(eq2, reference_rows=l1, reference_name="L1").splitlines()
+                if x.startswith("| DUE"))
+    assert "+5.00 [+0.00, +10.00] (1/2)" in line

@@ -71,6 +71,22 @@ def paired_differences(rows: list[dict[str, Any]], reference: str = "baseline_pl
                                       e["lam"] or 0))
 
 
+def paired_across(rows: list[dict[str, Any]], reference_rows: list[dict[str, Any]],
+                  columns: tuple[tuple[str, str, str], ...] = PAIRED_COLUMNS, n_boot: int = 10000,
+                  confidence: float = 0.95) -> list[dict[str, Any]]:
+    """:func:`paired_differences` of each method of ``rows`` against the **same** method in ``reference_rows``
+    (another experiment that changed one setting, e.g. the loss reading), seed by seed."""
+    reference = "__reference__"
+    out = []
+    for method in sorted({r["method"] for r in rows}):
+        theirs = [{**r, "method": reference} for r in reference_rows if r["method"] == method]
+        if not theirs:
+            raise ValueError(f"the reference experiment has no finished row of {method!r}")
+        out += paired_differences([r for r in rows if r["method"] == method] + theirs, reference=reference,
+                                  columns=columns, n_boot=n_boot, confidence=confidence)
+    return out
+
+
 def _difference_cell(stats: dict[str, Any]) -> str:
     if stats["n"] == 0:
         return "n/a"
@@ -79,13 +95,19 @@ def _difference_cell(stats: dict[str, Any]) -> str:
 
 
 def paired_markdown(rows: list[dict[str, Any]], reference: str = "baseline_plus",
-                    columns: tuple[tuple[str, str, str], ...] = PAIRED_COLUMNS) -> str:
-    """The markdown table of :func:`paired_differences`: per column ``mean [low, high] (seeds above/seeds)``, x100."""
-    entries = paired_differences(rows, reference=reference, columns=columns)
+                    columns: tuple[tuple[str, str, str], ...] = PAIRED_COLUMNS,
+                    reference_rows: list[dict[str, Any]] | None = None, reference_name: str | None = None) -> str:
+    """The markdown table of :func:`paired_differences` (or, with ``reference_rows``, of :func:`paired_across`,
+    the reference then named ``reference_name``): per column ``mean [low, high] (seeds above/seeds)``, x100."""
+    if reference_rows is None:
+        entries = paired_differences(rows, reference=reference, columns=columns)
+        name = METHOD_NAMES.get(reference, reference)
+    else:
+        entries = paired_across(rows, reference_rows, columns=columns)
+        name = reference_name or "the same method in the reference experiment"
     sizes = {e["train_size"] for e in entries}
     lams = {e["lam"] for e in entries}
     lead = ["Method"] + (["n train"] if len(sizes) > 1 else []) + (["λ"] if len(lams) > 1 else [])
-    name = METHOD_NAMES.get(reference, reference)
     lines = ["| " + " | ".join(lead + [f"Δ{c[0]} vs {name}" for c in columns]) + " |",
              "|" + "---|" * (len(lead) + len(columns))]
     for e in entries:
@@ -96,11 +118,19 @@ def paired_markdown(rows: list[dict[str, Any]], reference: str = "baseline_plus"
     return "\n".join(lines)
 
 
-def experiment_paired_table(out: str | Path, reference: str = "baseline_plus", section: str = "test") -> str:
-    """:func:`paired_markdown` of the experiment folder ``out`` on the test split or an extra section."""
+def experiment_paired_table(out: str | Path, reference: str = "baseline_plus", section: str = "test",
+                            against: str | Path | None = None) -> str:
+    """:func:`paired_markdown` of the experiment folder ``out`` on the test split or an extra section: against
+    the method ``reference`` of ``out``, or, with ``against`` (another experiment folder), each method against
+    the same method there."""
     from due_ext.experiments.runner import read_rows
 
     rows = section_rows(read_rows(out), section)
     if not rows:
         return f"{out}: no finished cell yet"
-    return paired_markdown(rows, reference=reference)
+    if against is None:
+        return paired_markdown(rows, reference=reference)
+    theirs = section_rows(read_rows(against), section)
+    if not theirs:
+        raise ValueError(f"{against}: no finished cell")
+    return paired_markdown(rows, reference_rows=theirs, reference_name=f"same method in {Path(against).name}")
