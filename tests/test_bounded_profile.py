@@ -154,6 +154,7 @@ def test_margin_and_jitter_move_the_lesion_off_the_centre(tmp_path, bounded):
 
 @pytest.mark.parametrize("name, options, message", [
     ("bounded", {"margin": (0.9, 2.0)}, "margin"), ("bounded", {"margin": (2.0, 1.5)}, "margin"),
+    ("bounded", {"margin": 2.0}, "two numbers"), ("bounded", {"margin": (1.5, 2.0, 3.0)}, "two numbers"),
     ("bounded", {"jitter": 1.5}, "jitter"), ("phantom", {"jitter": 0.5}, "bounded builder only")])
 def test_bad_placement_options_are_rejected(tmp_path, name, options, message):
     with pytest.raises(ValueError, match=message):

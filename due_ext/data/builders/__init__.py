@@ -65,7 +65,12 @@ def build_dataset(name: str, out: str | os.PathLike, n_pos: int | None = None, n
             continue
         if name != "bounded":
             raise ValueError(f"{option} is an option of the bounded builder only, not of {name!r}")
-        extra[option] = tuple(float(v) for v in value) if option == "margin" else float(value)
+        if option == "margin":
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+                raise ValueError(f"margin must be two numbers LOW,HIGH, got {value!r}")
+            extra[option] = (float(value[0]), float(value[1]))
+        else:
+            extra[option] = float(value)
     summary = builder(
         out,
         n_pos=module.DEFAULT_N_POS if n_pos is None else int(n_pos),
