@@ -3,9 +3,9 @@
 Every cell of a grid with the same ``(seed, train_size)`` trains on the same subset and is tested on the same
 crops, so ``method - reference`` per seed removes what the seed alone moves (the subset, the initialisation). Over
 the seeds that both finished: the mean difference, a 95 % percentile-bootstrap interval of that mean (the seeds
-resampled with replacement) and how many seeds the method was above. With 5 seeds a percentile bootstrap is
-narrow (it cannot exceed the range of the 5 differences), so read an interval that excludes 0 as "consistent over
-these seeds", not as a test over all possible seeds.
+resampled with replacement) and how many seeds the method was above. Over a handful of seeds a percentile
+bootstrap is narrow (it cannot exceed the range of the differences), so read an interval that excludes 0 as
+"consistent over these seeds", not as a test over all possible seeds.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from due_ext.experiments.table import METHOD_NAMES, row_metric, section_rows
+from due_ext.experiments.table import METHOD_NAMES, group_rows, row_metric, section_rows
 
 #: (column, group in metrics.json, key) compared: the prediction and the localisation that issue 15 asks about.
 PAIRED_COLUMNS = (("ROC-AUC", "prediction", "roc_auc"), ("IoU", "explanation", "iou"),
@@ -49,12 +49,8 @@ def paired_differences(rows: list[dict[str, Any]], reference: str = "baseline_pl
     if not reference_rows:
         raise ValueError(f"no finished row of the reference method {reference!r}")
     order = {m: i for i, m in enumerate(METHOD_NAMES)}
-    groups: dict[tuple[str, Any, Any], list[dict[str, Any]]] = {}
-    for row in rows:
-        if row["method"] != reference:
-            groups.setdefault((row["method"], row["train_size"], row["lam"]), []).append(row)
     out = []
-    for (method, size, lam), group in groups.items():
+    for (method, size, lam), group in group_rows([r for r in rows if r["method"] != reference]).items():
         entry: dict[str, Any] = {"method": method, "train_size": size, "lam": lam}
         for column, section, key in columns:
             pairs = [(row_metric(r, section, key), row_metric(reference_rows[(r["seed"], size)], section, key))
