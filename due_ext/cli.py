@@ -151,6 +151,16 @@ class InterpCommands:
         print(f"results: {out}")
 
 
+    def real_masks(self, out: str) -> None:
+        """Write the real-anatomy evaluation masks (five pyradiomics tumour drawings, seven structures of the MNI
+        ICBM 2009a template shipped in the nilearn wheel; downloaded from PyPI into the cache on first use) as
+        NIfTI files into OUT, for `interp evaluate --masks OUT` and `uncertainty evaluate --masks OUT`."""
+        from due_ext.interp.real_masks import build_real_masks
+
+        for path in build_real_masks(out):
+            print(path)
+
+
 class UncertaintyCommands:
     """Evaluate the uncertainty predictor (neural-process VAE) against the diffusion variance and cheap baselines."""
 

@@ -293,7 +293,7 @@ def _tarball(path: Path, members: dict[str, bytes], link: str | None = None) -> 
 
 
 def test_extract_takes_only_the_lung_files(tmp_path):
-    from due_ext.data.cache import LUNG_FILES, FetchError, _extract_lung_files
+    from due_ext.data.cache import LUNG_FILES, FetchError, _extract_data_files
 
     prefix = "pyradiomics-3.0.1/data/"
     members = {prefix + name: name.encode() for name in LUNG_FILES if name != "lung2_label.nrrd"}
@@ -303,7 +303,7 @@ def test_extract_takes_only_the_lung_files(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     with pytest.raises(FetchError, match="lung2_label.nrrd"):  # the symlink is not taken for the file
-        _extract_lung_files(tarball, target)
+        _extract_data_files(tarball, target)
     assert sorted(p.name for p in target.iterdir()) == sorted(n for n in LUNG_FILES if n != "lung2_label.nrrd")
     assert not (tmp_path / "evil.txt").exists() and not list(tmp_path.rglob("evil.txt"))
     assert (target / "lung1_image.nrrd").read_bytes() == b"lung1_image.nrrd"

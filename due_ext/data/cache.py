@@ -1,4 +1,4 @@
-"""The download cache (never inside the repository) and the fetch of the pyradiomics chest CTs.
+"""The download cache (never inside the repository) and the fetch of the pyradiomics data files.
 
 Cache folder: ``$DUE_EXT_CACHE`` if set, else ``~/.cache/due_ext``.
 
@@ -8,7 +8,11 @@ pip (``pip download --no-deps --no-binary :all:``), check its SHA-256, extract o
 ``data/`` (no other member, no path outside the target) and rename the finished folder into place, so the
 cache is either complete or absent. Offline: put ``pyradiomics-3.0.1.tar.gz`` into the cache folder
 yourself; it is used instead of downloading. The provenance of these images is undocumented upstream:
-use them as demo backgrounds, never commit them.
+use them as demo backgrounds, never commit them. :func:`fetch_pyradiomics_labels` takes the five tumour labels
+of the same folder (brain, breast, lung) into their own cache folder, and :func:`fetch_icbm152_tissue_maps` the
+MNI ICBM 2009a symmetric T1 template and its grey/white-matter probability maps from the ``nilearn==0.14.1``
+wheel (``nilearn/datasets/data/``; the template's licence is in its README upstream, free for research use),
+both for :mod:`due_ext.interp.real_masks`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 PYRADIOMICS_VERSION = "3.0.1"
@@ -28,7 +33,18 @@ PYRADIOMICS_SDIST = f"pyradiomics-{PYRADIOMICS_VERSION}.tar.gz"
 PYRADIOMICS_SHA256 = "47c57f441d6cb7973fa3b2ea48d3948df78e3348e1c69e1e2ff19001601fc2f5"
 #: Files taken from the sdist's ``data/`` folder.
 LUNG_FILES = ("lung1_image.nrrd", "lung1_label.nrrd", "lung2_image.nrrd", "lung2_label.nrrd", "README.md")
+#: The tumour labels of the sdist's ``data/`` folder (real drawings on clinical MR, mammography MR and CT).
+LABEL_FILES = ("brain1_label.nrrd", "brain2_label.nrrd", "breast1_label.nrrd", "lung1_label.nrrd",
+               "lung2_label.nrrd", "README.md")
 _DONE_MARKER = ".complete"
+
+
+NILEARN_VERSION = "0.14.1"
+NILEARN_WHEEL = f"nilearn-{NILEARN_VERSION}-py3-none-any.whl"
+#: SHA-256 of the wheel on PyPI.
+NILEARN_SHA256 = "725206484e9fb3f6691f9c2d20204a068759d5072f12055324702ee0cb2bbe8a"
+#: Files taken from the wheel's ``nilearn/datasets/data/`` folder.
+ICBM152_FILES = tuple(f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz" for kind in ("t1", "gm", "wm"))
 
 
 class FetchError(RuntimeError):
@@ -67,9 +83,10 @@ def _download_sdist(dest: Path) -> Path:
     return tarball
 
 
-def _extract_lung_files(tarball: Path, target: Path) -> None:
-    """Extract the lung files of ``data/`` into ``target``, reading only regular-file members by name."""
-    wanted = {f"pyradiomics-{PYRADIOMICS_VERSION}/data/{name}": name for name in LUNG_FILES}
+def _extract_data_files(tarball: Path, target: Path, names: tuple[str, ...] = LUNG_FILES) -> None:
+    """Extract ``names`` (default: the lung files) of ``data/`` into ``target``, reading only regular-file members
+    by name."""
+    wanted = {f"pyradiomics-{PYRADIOMICS_VERSION}/data/{name}": name for name in names}
     try:
         with tarfile.open(tarball, "r:gz") as archive:
             found = set()
@@ -83,7 +100,7 @@ def _extract_lung_files(tarball: Path, target: Path) -> None:
                 found.add(name)
     except (tarfile.TarError, OSError, EOFError) as err:
         raise FetchError(f"{tarball}: not a readable tar.gz archive ({err}); delete it and run again") from err
-    missing = sorted(set(LUNG_FILES) - found)
+    missing = sorted(set(names) - found)
     if missing:
         raise FetchError(f"{tarball}: data/ lacks {', '.join(missing)}; is it really {PYRADIOMICS_SDIST}?")
 
@@ -93,8 +110,62 @@ def fetch_pyradiomics_data() -> Path:
 
     Raises :class:`FetchError` with instructions when the download fails or the archive is wrong.
     """
+    return _fetch_pyradiomics_files(LUNG_FILES, f"pyradiomics-{PYRADIOMICS_VERSION}-data")
+
+
+def fetch_pyradiomics_labels() -> Path:
+    """Folder holding the five tumour labels ``{brain1,brain2,breast1,lung1,lung2}_label.nrrd``; downloads and
+    extracts them on first use (same sdist, same checks as :func:`fetch_pyradiomics_data`)."""
+    return _fetch_pyradiomics_files(LABEL_FILES, f"pyradiomics-{PYRADIOMICS_VERSION}-labels")
+
+
+def fetch_icbm152_tissue_maps() -> Path:
+    """Folder holding :data:`ICBM152_FILES` (1 mm MNI ICBM 2009a symmetric T1 and grey/white-matter probability
+    maps, 0-255), taken from the nilearn wheel on PyPI (``pip download``, SHA-256 checked) on first use.
+    Offline: put ``nilearn-0.14.1-py3-none-any.whl`` into the cache folder."""
     root = cache_dir()
-    target = root / f"pyradiomics-{PYRADIOMICS_VERSION}-data"
+    target = root / f"nilearn-{NILEARN_VERSION}-icbm152"
+    if (target / _DONE_MARKER).is_file():
+        return target
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=root) as tmp:
+        tmp = Path(tmp)
+        wheel = root / NILEARN_WHEEL
+        if not wheel.is_file():
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                       f"nilearn=={NILEARN_VERSION}", "-d", str(tmp)]
+            result = subprocess.run(command, capture_output=True, text=True)
+            wheel = tmp / NILEARN_WHEEL
+            if result.returncode != 0 or not wheel.is_file():
+                tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-8:])
+                raise FetchError(f"could not download {NILEARN_WHEEL} from PyPI (pip exit status "
+                                 f"{result.returncode}):\n{tail}\nOffline? Copy {NILEARN_WHEEL} into {root}.")
+        checksum = _sha256(wheel)
+        if checksum != NILEARN_SHA256:
+            raise FetchError(f"{wheel}: SHA-256 {checksum} differs from PyPI's {NILEARN_SHA256}; delete it and "
+                             "run again")
+        staged = tmp / "data"
+        staged.mkdir()
+        try:
+            with zipfile.ZipFile(wheel) as archive:
+                for name in ICBM152_FILES:  # read by exact member name: nothing else leaves the archive
+                    with archive.open(f"nilearn/datasets/data/{name}") as source, open(staged / name, "wb") as out:
+                        shutil.copyfileobj(source, out)
+        except (zipfile.BadZipFile, KeyError, OSError) as err:
+            raise FetchError(f"{wheel}: cannot read the ICBM152 maps ({err}); delete it and run again") from err
+        (staged / _DONE_MARKER).write_text(f"{NILEARN_WHEEL} sha256={checksum}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        try:
+            os.replace(staged, target)
+        except OSError:
+            if not (target / _DONE_MARKER).is_file():
+                raise
+    return target
+
+
+def _fetch_pyradiomics_files(names: tuple[str, ...], folder: str) -> Path:
+    root = cache_dir()
+    target = root / folder
     if (target / _DONE_MARKER).is_file():
         return target
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=root) as tmp:
@@ -108,7 +179,7 @@ def fetch_pyradiomics_data() -> Path:
                              "delete it and run again")
         staged = tmp / "data"
         staged.mkdir()
-        _extract_lung_files(tarball, staged)
+        _extract_data_files(tarball, staged, names)
         (staged / _DONE_MARKER).write_text(f"{PYRADIOMICS_SDIST} sha256={checksum}\n")
         if target.exists():  # a half-finished earlier attempt (no marker): replace it
             shutil.rmtree(target)
