@@ -226,3 +226,26 @@ def test_squared_error_target_adds_the_squared_bias_where_the_truth_is_known():
     np.testing.assert_array_equal(plain["variance"].numpy(), variance[0])
     with pytest.raises(ValueError, match="target"):
         VarianceTargetDataset(targets, target="bias")
+
+
+def test_extra_full_masks_add_blocks_with_truth_after_the_datalist(tmp_path):
+    from due_ext.data.datalist import write_json_atomic
+    from due_ext.data.nifti import write_nifti
+    from due_ext.uncertainty.targets import collect_blocks
+
+    item_mask = np.zeros((20, 20, 8), np.uint8)
+    item_mask[5:12, 5:12, 1:6] = 1  # lesion on slices 1-5
+    write_nifti(tmp_path / "m.nii.gz", item_mask)
+    write_json_atomic(tmp_path / "d.json", {"training": [{"mask": "m.nii.gz", "label": 1}]})
+    shape = np.zeros((20, 20, 8), np.uint8)
+    shape[3:9, 3:9, 2:7] = 1  # slices 2-6
+    from_datalist = collect_blocks(tmp_path / "d.json", ["training"], every_k=[2], crop_size=CROP)
+    both = collect_blocks(tmp_path / "d.json", ["training"], every_k=[2], crop_size=CROP,
+                          masks=[shape, np.zeros_like(shape)])
+    # k = 2 over lesion slices 1-5: phase 0 keeps 1, 3, 5; phase 1 keeps 1, 2, 4, 5 (blocks need a gap)
+    assert [b["source"][2:4] for b in from_datalist] == [(1, 3), (3, 5), (2, 4)]
+    extra = both[len(from_datalist):]
+    assert [b["source"][:4] for b in extra] == [(1, 0, 2, 4), (1, 0, 4, 6), (1, 0, 3, 5)]  # section 1: after
+    # "training"; the empty mask adds nothing
+    assert all(b["truth"] is not None and b["truth"].shape == (b["gap"], CROP, CROP) for b in extra)
+    assert extra[0]["truth"][0].sum() == 36  # block (2, 4): its missing slice 3 is the shape's 6x6 square

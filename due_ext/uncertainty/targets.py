@@ -17,6 +17,7 @@ Blocks come from a datalist:
   foreground skipped, as :func:`due_ext.data.builders.sparse.sparse_slices`), and take their blocks. Phases give
   different blocks from the same lesion, so a few volumes yield hundreds of blocks.
 - items with only ``annotation`` and ``annotated_slices``: their blocks as drawn (no truth).
+- extra full masks passed in (procedural shapes in ``train.json``): like items with a ``mask``.
 
 Blocks whose two annotated slices are both empty are skipped (the interpolator leaves them empty, variance 0).
 The cache is one ``.npz`` written atomically (temporary name, then rename) with a JSON ``meta`` entry; it is
@@ -147,10 +148,12 @@ def _read_item_volume(datalist: Path, item: dict[str, Any], key: str) -> np.ndar
 
 
 def collect_blocks(datalist: str | os.PathLike, sections: Sequence[str] = ("training",),
-                   every_k: Sequence[int] = (2, 3, 4, 5), crop_size: int = DEFAULT_CROP_SIZE
-                   ) -> list[dict[str, Any]]:
-    """Blocks of the datalist's items (rules in the module docstring) as dicts with ``lower``, ``upper``
-    (crops), ``gap``, ``truth`` (``(gap, H, W)`` crops or ``None``) and ``source``."""
+                   every_k: Sequence[int] = (2, 3, 4, 5), crop_size: int = DEFAULT_CROP_SIZE,
+                   masks: Sequence[np.ndarray] = ()) -> list[dict[str, Any]]:
+    """Blocks of the datalist's items (rules in the module docstring), then of the extra full ``masks`` (e.g.
+    procedural shapes, :func:`due_ext.interp.diffusion.shapes.generate_shapes`; their ``source`` section index is
+    ``len(sections)``), as dicts with ``lower``, ``upper`` (crops), ``gap``, ``truth`` (``(gap, H, W)`` crops or
+    ``None``) and ``source``."""
     datalist = Path(datalist)
     payload = read_datalist(datalist)
     blocks: list[dict[str, Any]] = []
@@ -158,30 +161,42 @@ def collect_blocks(datalist: str | os.PathLike, sections: Sequence[str] = ("trai
         for i, item in enumerate(payload.get(section, [])):
             if schema.MASK in item:
                 mask = _read_item_volume(datalist, item, schema.MASK)
-                if not mask.any():
-                    continue
-                annotations = [(k, phased_sparse_slices(mask, k, p)) for k in every_k for p in range(int(k))]
-                sparse, full = mask, mask
+                blocks += _full_mask_blocks(mask, every_k, crop_size, (s, i))
             elif schema.ANNOTATION in item and schema.ANNOTATED_SLICES in item:
-                sparse, full = _read_item_volume(datalist, item, schema.ANNOTATION), None
+                sparse = _read_item_volume(datalist, item, schema.ANNOTATION)
                 annotations = [(0, [int(z) for z in item[schema.ANNOTATED_SLICES]])]
-            else:
+                blocks += _blocks(sparse, None, annotations, crop_size, (s, i))
+    for i, mask in enumerate(masks):
+        blocks += _full_mask_blocks((np.asarray(mask) > 0.5).astype(np.uint8), every_k, crop_size, (len(sections), i))
+    return blocks
+
+
+def _full_mask_blocks(mask: np.ndarray, every_k: Sequence[int], crop_size: int, source: tuple[int, int]
+                      ) -> list[dict[str, Any]]:
+    if not mask.any():
+        return []
+    annotations = [(k, phased_sparse_slices(mask, k, p)) for k in every_k for p in range(int(k))]
+    return _blocks(mask, mask, annotations, crop_size, source)
+
+
+def _blocks(sparse: np.ndarray, full: np.ndarray | None, annotations: Sequence[tuple[int, list[int]]],
+            crop_size: int, source: tuple[int, int]) -> list[dict[str, Any]]:
+    blocks: list[dict[str, Any]] = []
+    seen: set[tuple[int, int]] = set()
+    for k, slices in annotations:
+        for block in split_blocks(slices, depth=sparse.shape[-1]):
+            if (block.start, block.stop) in seen:  # phases of different k can repeat a block
                 continue
-            seen: set[tuple[int, int]] = set()
-            for k, slices in annotations:
-                for block in split_blocks(slices, depth=sparse.shape[-1]):
-                    if (block.start, block.stop) in seen:  # phases of different k can repeat a block
-                        continue
-                    seen.add((block.start, block.stop))
-                    lower, upper = sparse[..., block.start], sparse[..., block.stop]
-                    window = crop_window([lower, upper], crop_size)
-                    if window is None:
-                        continue
-                    truth = None if full is None else np.stack(
-                        [extract_crop(full[..., z], window, crop_size) for z in block.missing])
-                    blocks.append({LOWER: extract_crop(lower, window, crop_size),
-                                   UPPER: extract_crop(upper, window, crop_size), GAP: block.gap, TRUTH: truth,
-                                   "source": (s, i, block.start, block.stop, int(k))})
+            seen.add((block.start, block.stop))
+            lower, upper = sparse[..., block.start], sparse[..., block.stop]
+            window = crop_window([lower, upper], crop_size)
+            if window is None:
+                continue
+            truth = None if full is None else np.stack(
+                [extract_crop(full[..., z], window, crop_size) for z in block.missing])
+            blocks.append({LOWER: extract_crop(lower, window, crop_size),
+                           UPPER: extract_crop(upper, window, crop_size), GAP: block.gap, TRUTH: truth,
+                           "source": (*source, block.start, block.stop, int(k))})
     return blocks
 
 
@@ -220,7 +235,8 @@ def cached_variance_targets(cache: str | os.PathLike, interpolator: nn.Module, d
                             sections: Sequence[str] = ("training",), every_k: Sequence[int] = (2, 3, 4, 5),
                             settings: SamplerSettings | dict | None = None,
                             interpolator_weights: str | os.PathLike | None = None, crop_size: int | None = None,
-                            device: torch.device | str = "cpu", progress: bool = True) -> VarianceTargets:
+                            device: torch.device | str = "cpu", progress: bool = True,
+                            masks: Sequence[np.ndarray] = ()) -> VarianceTargets:
     """Load the targets from ``cache`` if it was built from the same inputs, else compute and save them.
 
     ``interpolator`` must already hold its weights; ``interpolator_weights`` (their file) only enters the
@@ -231,6 +247,12 @@ def cached_variance_targets(cache: str | os.PathLike, interpolator: nn.Module, d
     meta = {"format": CACHE_FORMAT, "datalist": str(Path(datalist).resolve()), "sections": list(sections),
             "every_k": [int(k) for k in every_k], "crop_size": crop_size,
             "interpolator_sha256": file_sha256(interpolator_weights), "settings": asdict(settings)}
+    if len(masks):
+        digest = hashlib.sha256()
+        for mask in masks:
+            digest.update(repr(np.shape(mask)).encode())
+            digest.update(np.ascontiguousarray(np.asarray(mask) > 0.5).tobytes())
+        meta["extra_masks"] = {"count": len(masks), "sha256": digest.hexdigest()}
     cache = Path(cache)
     if cache.is_file():
         try:
@@ -241,7 +263,7 @@ def cached_variance_targets(cache: str | os.PathLike, interpolator: nn.Module, d
             logger.info("variance targets: %s was built from other inputs; recomputing", cache)
         except ValueError as err:
             logger.warning("%s; recomputing", err)
-    blocks = collect_blocks(datalist, sections, every_k, crop_size)
+    blocks = collect_blocks(datalist, sections, every_k, crop_size, masks)
     logger.info("variance targets: sampling %d blocks x %d repeats (%d steps)", len(blocks), settings.repeats,
                 settings.steps)
     targets = compute_variance_targets(interpolator, blocks, settings, device=device, meta=meta, progress=progress)

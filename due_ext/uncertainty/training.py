@@ -62,15 +62,18 @@ def target_datasets(interpolator: nn.Module, interpolator_weights: str | os.Path
                     cache_dir: str | os.PathLike, every_k: Sequence[int] = (2, 3, 4, 5),
                     settings: SamplerSettings | dict | None = None, training_sections: Sequence[str] = ("training",),
                     validation_sections: Sequence[str] = ("validation",), augment: bool = True, seed: int = 0,
-                    eps: float = 1e-4, device: str | torch.device = "cpu", target: str = "variance"
-                    ) -> dict[str, VarianceTargetDataset]:
+                    eps: float = 1e-4, device: str | torch.device = "cpu", target: str = "variance",
+                    training_masks: Sequence[np.ndarray] = ()) -> dict[str, VarianceTargetDataset]:
     """``{"training": ..., "validation": ...}`` datasets of cached target blocks (computed on first use into
     ``cache_dir/targets_<section>.npz``) learning ``target`` (:class:`VarianceTargetDataset`). Training blocks
-    are augmented; validation blocks are not."""
+    are augmented; validation blocks are not. ``training_masks`` (full masks, e.g. procedural shapes) add their
+    blocks to the training set only."""
     out = {}
     for name, sections in (("training", training_sections), ("validation", validation_sections)):
+        extra = training_masks if name == "training" else ()
         targets = cached_variance_targets(Path(cache_dir) / f"targets_{name}.npz", interpolator, datalist, sections,
-                                          every_k, settings, interpolator_weights=interpolator_weights, device=device)
+                                          every_k, settings, interpolator_weights=interpolator_weights, device=device,
+                                          masks=extra)
         out[name] = VarianceTargetDataset(targets, augment=augment and name == "training", seed=seed, eps=eps,
                                           target=target)
         logger.info("%s: %d target blocks (gaps %s)", name, len(targets), sorted(set(targets.gaps.tolist())))
