@@ -235,3 +235,26 @@ def test_shapes_cover_every_family_reproducibly():
     assert organ.sum() > 5 * branching.sum()  # organ-sized against thin tubes
     with pytest.raises(ValueError, match="family"):
         random_shape(np.random.default_rng(0), "torus")
+
+
+def test_shape_mixture_options():
+    from scipy import ndimage
+
+    from due_ext.interp.diffusion.shapes import DEFAULT_FAMILIES
+
+    assert set(DEFAULT_FAMILIES) < set(FAMILIES)
+    # the default mixture never draws the two families added later (the shipped training set stays as it was)
+    drawn = [random_shape(np.random.default_rng([0, i]), size_xy=24, depth=8) for i in range(6)]
+    again = [random_shape(np.random.default_rng([0, i]), size_xy=24, depth=8, families=DEFAULT_FAMILIES)
+             for i in range(6)]
+    assert all(np.array_equal(a, b) for a, b in zip(drawn, again, strict=True))
+    # thick slices: a log-uniform spacing in [6, 8] mm leaves a lobulated body on few slices, 1 mm on many
+    thick = random_shape(np.random.default_rng(1), "lobulated", spacing_z_mm=(6.0, 8.0), log_spacing=True)
+    thin = random_shape(np.random.default_rng(1), "lobulated", spacing_z_mm=(1.0, 1.0))
+    assert thick.any(axis=(0, 1)).sum() < thin.any(axis=(0, 1)).sum() / 3
+    tissue = random_shape(np.random.default_rng(2), "tissue")
+    pieces = [ndimage.label(tissue[..., z])[1] for z in np.flatnonzero(tissue.any(axis=(0, 1)))]
+    assert max(pieces) >= 3  # many thin pieces per slice
+    for bad in ({"families": ("organ", "torus")}, {"families": ()}, {"spacing_z_mm": (5.0, 1.0)}):
+        with pytest.raises(ValueError):
+            random_shape(np.random.default_rng(0), **bad)
