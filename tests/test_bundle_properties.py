@@ -40,7 +40,7 @@ TINY_UNCERTAINTY = {
     "crop_size": 8,
     "interpolator_def#channels": [8, 16], "interpolator_def#norm_num_groups": 4,
     "interpolator_def#num_head_channels": 8,
-    "target_sampler#steps": 1, "target_sampler#repeats": 2, "every_k": [2],
+    "target_sampler#steps": 1, "target_sampler#repeats": 2, "every_k": [2], "n_shapes": 0, "n_val_shapes": 0,
     "network_def#features": [8, 8], "network_def#latent_dim": 4, "network_def#embed_dim": 8,
 }
 

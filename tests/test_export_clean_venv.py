@@ -156,6 +156,10 @@ def test_upstream_bundles_train_one_tiny_epoch_without_due_ext(clean_python, wor
         "uncertainty": [
             "--max_epochs",
             "1",
+            "--n_shapes",
+            "0",
+            "--n_val_shapes",
+            "0",
             "--every_k",
             "[2]",
             "--target_sampler#repeats",

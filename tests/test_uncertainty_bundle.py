@@ -38,7 +38,7 @@ def _train(root: Path, out: Path, **extra) -> None:
     overrides = {"bundle_root": str(out), "datalist": str(root / "data" / "datalist.json"), "crop_size": CROP,
                  "interpolator_def": TINY_INTERPOLATOR, "interpolator_weights": str(root / "interpolator.pt"),
                  "target_sampler": TINY_SAMPLER, "every_k": [2, 3], "network_def": TINY_NP, "max_epochs": 2,
-                 "batch_size": 4, "device": "cpu"}
+                 "batch_size": 4, "device": "cpu", "n_shapes": 1, "n_val_shapes": 1}  # one procedural shape each
     run(config_file=str(BUNDLE / "train.json"), logging_file=str(BUNDLE / "logging.conf"), **{**overrides, **extra})
 
 

@@ -63,14 +63,15 @@ def target_datasets(interpolator: nn.Module, interpolator_weights: str | os.Path
                     settings: SamplerSettings | dict | None = None, training_sections: Sequence[str] = ("training",),
                     validation_sections: Sequence[str] = ("validation",), augment: bool = True, seed: int = 0,
                     eps: float = 1e-4, device: str | torch.device = "cpu", target: str = "variance",
-                    training_masks: Sequence[np.ndarray] = ()) -> dict[str, VarianceTargetDataset]:
+                    training_masks: Sequence[np.ndarray] = (), validation_masks: Sequence[np.ndarray] = ()
+                    ) -> dict[str, VarianceTargetDataset]:
     """``{"training": ..., "validation": ...}`` datasets of cached target blocks (computed on first use into
     ``cache_dir/targets_<section>.npz``) learning ``target`` (:class:`VarianceTargetDataset`). Training blocks
-    are augmented; validation blocks are not. ``training_masks`` (full masks, e.g. procedural shapes) add their
-    blocks to the training set only."""
+    are augmented; validation blocks are not. ``training_masks`` and ``validation_masks`` (full masks, e.g.
+    procedural shapes) add their blocks to the training or the validation set."""
     out = {}
     for name, sections in (("training", training_sections), ("validation", validation_sections)):
-        extra = training_masks if name == "training" else ()
+        extra = training_masks if name == "training" else validation_masks
         targets = cached_variance_targets(Path(cache_dir) / f"targets_{name}.npz", interpolator, datalist, sections,
                                           every_k, settings, interpolator_weights=interpolator_weights, device=device,
                                           masks=extra)
