@@ -323,6 +323,12 @@ def test_fetch_errors_are_clear(tmp_path, monkeypatch):
     with pytest.raises(cache.FetchError, match="SHA-256"):
         cache.fetch_pyradiomics_data()
     assert not list((tmp_path / "cache").glob("pyradiomics-*-data"))  # nothing half-extracted
+    with pytest.raises(cache.FetchError, match="Offline.*nilearn-0.14.1-py3-none-any.whl"):
+        cache.fetch_icbm152_tissue_maps()  # the wheel's fetch: same messages
+    (tmp_path / "cache" / cache.NILEARN_WHEEL).write_bytes(b"not the wheel")
+    with pytest.raises(cache.FetchError, match="SHA-256"):
+        cache.fetch_icbm152_tissue_maps()
+    assert not list((tmp_path / "cache").glob("nilearn-*-icbm152"))
 
 
 # --- lung CT: a real (small) build; downloads pyradiomics 3.0.1 once into the cache ----------------------

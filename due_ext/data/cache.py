@@ -66,21 +66,43 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _download_sdist(dest: Path) -> Path:
-    """``pip download`` the sdist into ``dest`` (a temporary folder); returns the tarball's path."""
+def _pip_download(requirement: str, filename: str, dest: Path, binary: bool) -> Path:
+    """``pip download --no-deps`` of ``requirement`` (an sdist, or a wheel with ``binary``) into ``dest`` (a
+    temporary folder); returns the path of ``filename`` there."""
     # pip prepares metadata of an sdist even for `download`; pyradiomics' setup.py bundles its own versioneer
     # and needs numpy (a dependency of ours), so --no-build-isolation works without installing anything.
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--no-build-isolation", f"pyradiomics=={PYRADIOMICS_VERSION}", "-d", str(dest)]
+    kind = ["--only-binary", ":all:"] if binary else ["--no-binary", ":all:", "--no-build-isolation"]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, requirement, "-d", str(dest)]
     result = subprocess.run(command, capture_output=True, text=True)
-    tarball = dest / PYRADIOMICS_SDIST
-    if result.returncode != 0 or not tarball.is_file():
+    path = dest / filename
+    if result.returncode != 0 or not path.is_file():
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-8:])
+        name, version = requirement.split("==")
         raise FetchError(
-            f"could not download {PYRADIOMICS_SDIST} from PyPI (pip exit status {result.returncode}):\n{tail}\n"
-            f"Offline? Copy {PYRADIOMICS_SDIST} (from https://pypi.org/project/pyradiomics/"
-            f"{PYRADIOMICS_VERSION}/#files) into {cache_dir()} and run again.")
-    return tarball
+            f"could not download {filename} from PyPI (pip exit status {result.returncode}):\n{tail}\n"
+            f"Offline? Copy {filename} (from https://pypi.org/project/{name}/{version}/#files) into {cache_dir()} "
+            "and run again.")
+    return path
+
+
+def _verified(path: Path, sha256: str) -> str:
+    """``path``'s SHA-256, which must be ``sha256`` (raises :class:`FetchError` naming the file otherwise)."""
+    checksum = _sha256(path)
+    if checksum != sha256:
+        raise FetchError(f"{path}: SHA-256 {checksum} differs from PyPI's {sha256}; delete it and run again")
+    return checksum
+
+
+def _publish(staged: Path, target: Path, provenance: str) -> None:
+    """Mark ``staged`` complete and rename it to ``target``, so a cache folder is either complete or absent."""
+    (staged / _DONE_MARKER).write_text(provenance + "\n")
+    if target.exists():  # a half-finished earlier attempt (no marker): replace it
+        shutil.rmtree(target)
+    try:
+        os.replace(staged, target)
+    except OSError:
+        if not (target / _DONE_MARKER).is_file():  # lost a race only if the winner finished
+            raise
 
 
 def _extract_data_files(tarball: Path, target: Path, names: tuple[str, ...] = LUNG_FILES) -> None:
@@ -129,20 +151,10 @@ def fetch_icbm152_tissue_maps() -> Path:
         return target
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=root) as tmp:
         tmp = Path(tmp)
-        wheel = root / NILEARN_WHEEL
+        wheel = root / NILEARN_WHEEL  # a file the user put there for offline use
         if not wheel.is_file():
-            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                       f"nilearn=={NILEARN_VERSION}", "-d", str(tmp)]
-            result = subprocess.run(command, capture_output=True, text=True)
-            wheel = tmp / NILEARN_WHEEL
-            if result.returncode != 0 or not wheel.is_file():
-                tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-8:])
-                raise FetchError(f"could not download {NILEARN_WHEEL} from PyPI (pip exit status "
-                                 f"{result.returncode}):\n{tail}\nOffline? Copy {NILEARN_WHEEL} into {root}.")
-        checksum = _sha256(wheel)
-        if checksum != NILEARN_SHA256:
-            raise FetchError(f"{wheel}: SHA-256 {checksum} differs from PyPI's {NILEARN_SHA256}; delete it and "
-                             "run again")
+            wheel = _pip_download(f"nilearn=={NILEARN_VERSION}", NILEARN_WHEEL, tmp, binary=True)
+        checksum = _verified(wheel, NILEARN_SHA256)
         staged = tmp / "data"
         staged.mkdir()
         try:
@@ -152,14 +164,7 @@ def fetch_icbm152_tissue_maps() -> Path:
                         shutil.copyfileobj(source, out)
         except (zipfile.BadZipFile, KeyError, OSError) as err:
             raise FetchError(f"{wheel}: cannot read the ICBM152 maps ({err}); delete it and run again") from err
-        (staged / _DONE_MARKER).write_text(f"{NILEARN_WHEEL} sha256={checksum}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        try:
-            os.replace(staged, target)
-        except OSError:
-            if not (target / _DONE_MARKER).is_file():
-                raise
+        _publish(staged, target, f"{NILEARN_WHEEL} sha256={checksum}")
     return target
 
 
@@ -172,20 +177,10 @@ def _fetch_pyradiomics_files(names: tuple[str, ...], folder: str) -> Path:
         tmp = Path(tmp)
         tarball = root / PYRADIOMICS_SDIST  # a file the user put there for offline use
         if not tarball.is_file():
-            tarball = _download_sdist(tmp)
-        checksum = _sha256(tarball)
-        if checksum != PYRADIOMICS_SHA256:
-            raise FetchError(f"{tarball}: SHA-256 {checksum} differs from PyPI's {PYRADIOMICS_SHA256}; "
-                             "delete it and run again")
+            tarball = _pip_download(f"pyradiomics=={PYRADIOMICS_VERSION}", PYRADIOMICS_SDIST, tmp, binary=False)
+        checksum = _verified(tarball, PYRADIOMICS_SHA256)
         staged = tmp / "data"
         staged.mkdir()
         _extract_data_files(tarball, staged, names)
-        (staged / _DONE_MARKER).write_text(f"{PYRADIOMICS_SDIST} sha256={checksum}\n")
-        if target.exists():  # a half-finished earlier attempt (no marker): replace it
-            shutil.rmtree(target)
-        try:
-            os.replace(staged, target)
-        except OSError:
-            if not (target / _DONE_MARKER).is_file():  # lost a race only if the winner finished
-                raise
+        _publish(staged, target, f"{PYRADIOMICS_SDIST} sha256={checksum}")
     return target
