@@ -25,6 +25,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 PYRADIOMICS_VERSION = "3.0.1"
@@ -145,42 +146,43 @@ def fetch_icbm152_tissue_maps() -> Path:
     """Folder holding :data:`ICBM152_FILES` (1 mm MNI ICBM 2009a symmetric T1 and grey/white-matter probability
     maps, 0-255), taken from the nilearn wheel on PyPI (``pip download``, SHA-256 checked) on first use.
     Offline: put ``nilearn-0.14.1-py3-none-any.whl`` into the cache folder."""
-    root = cache_dir()
-    target = root / f"nilearn-{NILEARN_VERSION}-icbm152"
-    if (target / _DONE_MARKER).is_file():
-        return target
-    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=root) as tmp:
-        tmp = Path(tmp)
-        wheel = root / NILEARN_WHEEL  # a file the user put there for offline use
-        if not wheel.is_file():
-            wheel = _pip_download(f"nilearn=={NILEARN_VERSION}", NILEARN_WHEEL, tmp, binary=True)
-        checksum = _verified(wheel, NILEARN_SHA256)
-        staged = tmp / "data"
-        staged.mkdir()
-        try:
-            with zipfile.ZipFile(wheel) as archive:
-                for name in ICBM152_FILES:  # read by exact member name: nothing else leaves the archive
-                    with archive.open(f"nilearn/datasets/data/{name}") as source, open(staged / name, "wb") as out:
-                        shutil.copyfileobj(source, out)
-        except (zipfile.BadZipFile, KeyError, OSError) as err:
-            raise FetchError(f"{wheel}: cannot read the ICBM152 maps ({err}); delete it and run again") from err
-        _publish(staged, target, f"{NILEARN_WHEEL} sha256={checksum}")
-    return target
+    return _fetch_into_cache(f"nilearn-{NILEARN_VERSION}-icbm152", NILEARN_WHEEL, f"nilearn=={NILEARN_VERSION}",
+                             NILEARN_SHA256, binary=True, extract=_extract_icbm152_maps)
+
+
+def _extract_icbm152_maps(wheel: Path, target: Path) -> None:
+    """Copy :data:`ICBM152_FILES` out of the nilearn wheel into ``target``, reading members by exact name."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            for name in ICBM152_FILES:  # nothing else leaves the archive
+                with archive.open(f"nilearn/datasets/data/{name}") as source, open(target / name, "wb") as out:
+                    shutil.copyfileobj(source, out)
+    except (zipfile.BadZipFile, KeyError, OSError) as err:
+        raise FetchError(f"{wheel}: cannot read the ICBM152 maps ({err}); delete it and run again") from err
 
 
 def _fetch_pyradiomics_files(names: tuple[str, ...], folder: str) -> Path:
+    return _fetch_into_cache(folder, PYRADIOMICS_SDIST, f"pyradiomics=={PYRADIOMICS_VERSION}", PYRADIOMICS_SHA256,
+                             binary=False, extract=lambda tarball, staged: _extract_data_files(tarball, staged, names))
+
+
+def _fetch_into_cache(folder: str, filename: str, requirement: str, sha256: str, binary: bool,
+                      extract: Callable[[Path, Path], None]) -> Path:
+    """``<cache>/folder``, filled on first use: the archive ``filename`` (one the user put into the cache folder
+    for offline use, else ``pip download`` of ``requirement``) is checked against ``sha256``, ``extract(archive,
+    staged)`` fills a temporary folder, and that folder is renamed into place complete (:func:`_publish`)."""
     root = cache_dir()
     target = root / folder
     if (target / _DONE_MARKER).is_file():
         return target
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=root) as tmp:
         tmp = Path(tmp)
-        tarball = root / PYRADIOMICS_SDIST  # a file the user put there for offline use
-        if not tarball.is_file():
-            tarball = _pip_download(f"pyradiomics=={PYRADIOMICS_VERSION}", PYRADIOMICS_SDIST, tmp, binary=False)
-        checksum = _verified(tarball, PYRADIOMICS_SHA256)
+        archive = root / filename
+        if not archive.is_file():
+            archive = _pip_download(requirement, filename, tmp, binary=binary)
+        checksum = _verified(archive, sha256)
         staged = tmp / "data"
         staged.mkdir()
-        _extract_data_files(tarball, staged, names)
-        _publish(staged, target, f"{PYRADIOMICS_SDIST} sha256={checksum}")
+        extract(archive, staged)
+        _publish(staged, target, f"{filename} sha256={checksum}")
     return target
